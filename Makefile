@@ -1,0 +1,24 @@
+# make test : set up .venv (cached per pyproject.toml) and run the whole test suite
+# make demo : set up .venv and train the tiny CPU example end to end with `axolotl train`
+.PHONY: setup test test-fast demo bench
+
+export HF_HUB_OFFLINE := 1
+export AXOLOTL_DO_NOT_TRACK := 1
+export TOKENIZERS_PARALLELISM := false
+
+setup:
+	bash scripts/setup_venv.sh
+
+test: setup
+	.venv/bin/python -m pytest -q tests integration_tests
+
+test-fast: setup
+	.venv/bin/python -m pytest -q tests
+
+demo: setup
+	.venv/bin/qtuning-build-tiny examples/tiny-model
+	.venv/bin/axolotl train examples/tiny-cpu-qtuning.yml
+
+bench: setup
+	.venv/bin/python benchmarks/ops_bench.py
+	.venv/bin/python benchmarks/step_cost.py

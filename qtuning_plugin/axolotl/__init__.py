@@ -1,0 +1,1 @@
+"""The Axolotl adapter: the `qtuning:` config section, the trainer and the `axolotl qtuning` command."""

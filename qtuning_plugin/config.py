@@ -1,0 +1,80 @@
+"""`QTuningConfig`: every `qtuning:` key, its default and its allowed range.
+
+The same model validates the Axolotl YAML section and configures the plain
+`transformers.Trainer` mixin. Unknown keys are rejected (``extra="forbid"``):
+a misspelt key must fail loudly rather than silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class QTuningConfig(BaseModel):
+    """Settings of Q-Tuning (SPEC sections 4-7)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = Field(
+        default=True,
+        description="Turn Q-Tuning on. A `qtuning:` section enables it unless it says `enabled: false`.",
+    )
+    sample_keep_ratio: float = Field(
+        default=0.25,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of each mini-batch's samples kept by EU-plane triage, in (0, 1].",
+    )
+    token_keep_ratio: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of trainable tokens kept in each Q2 sample, in (0, 1].",
+    )
+    context_weight: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Lambda of eq. 7: weight of the two neighbours' perplexities in the token score, in [0, 1].",
+    )
+    max_bisect_iters: int = Field(
+        default=10, ge=1, description="Iterations of the quantile bisection, >= 1."
+    )
+    bisect_tolerance: float = Field(
+        default=0.01,
+        gt=0.0,
+        description="Bisection stops once |kept fraction - sample_keep_ratio| is below this, > 0.",
+    )
+    scoring: Literal["auto", "two_pass", "single_pass"] = Field(
+        default="auto",
+        description=(
+            "two_pass: gradient-free scoring forward, then forward/backward on the kept samples only. "
+            "single_pass: one forward with gradient, pruning by loss masking (needed for sample packing). "
+            "auto: two_pass unless sample packing is on."
+        ),
+    )
+    warmup_steps: int = Field(
+        default=0,
+        ge=0,
+        description="Train on every sample and token for this many optimizer steps before pruning, >= 0.",
+    )
+    backend: Literal["auto", "liger", "torch"] = Field(
+        default="auto",
+        description="Fused linear cross-entropy: liger (CUDA), torch (chunked, any device), auto picks.",
+    )
+    chunk_size: Optional[int] = Field(
+        default=None,
+        ge=1,
+        description="Tokens per chunk of the torch fused op; null picks one from the vocabulary size.",
+    )
+    plot_every_n_steps: int = Field(
+        default=0,
+        ge=0,
+        description="Write the EU-plane and quadrant plots every N optimizer steps (0: only at the end).",
+    )
+
+    def describe(self) -> str:
+        """One line listing every setting, for the start-up log."""
+        return ", ".join(f"{name}={value}" for name, value in self.model_dump().items())

@@ -1,0 +1,20 @@
+"""Framework-free Q-Tuning math: EU plane, sample triage, token pruning, selection."""
+
+from qtuning_plugin.core.eu_plane import sample_stats
+from qtuning_plugin.core.packing import Segments
+from qtuning_plugin.core.select import SampleGather, Selection, select, selection_stats
+from qtuning_plugin.core.token_pruning import prune_tokens, token_scores
+from qtuning_plugin.core.triage import Triage, triage_samples
+
+__all__ = [
+    "SampleGather",
+    "Segments",
+    "Selection",
+    "Triage",
+    "prune_tokens",
+    "sample_stats",
+    "select",
+    "selection_stats",
+    "token_scores",
+    "triage_samples",
+]

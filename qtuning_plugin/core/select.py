@@ -1,0 +1,141 @@
+"""One call per mini-batch: EU plane -> triage -> Q2 token pruning -> masks and statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from qtuning_plugin.config import QTuningConfig
+from qtuning_plugin.core.eu_plane import sample_stats
+from qtuning_plugin.core.token_pruning import prune_tokens
+from qtuning_plugin.core.triage import Triage, triage_samples
+
+# Maps this rank's ``[B, 3]`` float64 rows (ppl, ent, valid) to the rows of the
+# global mini-batch and the offset of this rank's first row in them.
+SampleGather = Callable[[Tensor], tuple[Tensor, int]]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What to train on in one mini-batch.
+
+    Attributes:
+        sample_mask: ``[B]`` bool, kept samples (Q2 or Q4).
+        token_mask: ``[B, T]`` bool, kept trainable tokens of kept samples.
+        q2: ``[B]`` bool, kept samples whose tokens were pruned.
+        ppl: ``[B]`` float64 sample perplexity (NaN where no trainable token).
+        ent: ``[B]`` float64 sample mean entropy in nats (NaN likewise).
+        triage: the `Triage` this came from (over the global batch when gathered).
+        stats: ``qtuning/``-prefixed Python floats for logging.
+    """
+
+    sample_mask: Tensor
+    token_mask: Tensor
+    q2: Tensor
+    ppl: Tensor
+    ent: Tensor
+    triage: Triage
+    stats: dict[str, float]
+
+
+def _check_finite(nll: Tensor, entropy: Tensor, mask: Tensor) -> None:
+    finite = torch.isfinite(nll) & torch.isfinite(entropy)
+    if bool((mask & ~finite).any()):
+        raise FloatingPointError(
+            "qtuning: non-finite NLL or entropy at a trainable position; the model's hidden "
+            "states or LM head hold NaN/inf (training has diverged or the inputs are corrupt)"
+        )
+
+
+def select(
+    nll: Tensor,
+    entropy: Tensor,
+    mask: Tensor,
+    config: QTuningConfig,
+    *,
+    sample_gather: Optional[SampleGather] = None,
+) -> Selection:
+    """Triage the samples of a mini-batch and prune the tokens of its Q2 samples.
+
+    Args:
+        nll: ``[B, T]`` per-token negative log-likelihood in nats (`ops.token_stats`).
+        entropy: ``[B, T]`` per-token predictive entropy in nats.
+        mask: ``[B, T]`` bool, trainable positions (``labels != -100`` after the shift).
+        config: the `QTuningConfig` (ratios, lambda, bisection settings).
+        sample_gather: in data-parallel training, gathers every rank's per-sample
+            statistics so that the thresholds are those of the global mini-batch.
+
+    Raises:
+        FloatingPointError: a trainable position has a non-finite NLL or entropy.
+    """
+    mask = mask.bool()
+    _check_finite(nll, entropy, mask)
+    ppl, ent = sample_stats(nll, entropy, mask)
+    valid = mask.any(dim=1)
+
+    local = torch.stack([ppl, ent, valid.to(torch.float64)], dim=1)
+    rows, offset = (local, 0) if sample_gather is None else sample_gather(local)
+    triage = triage_samples(
+        rows[:, 0],
+        rows[:, 1],
+        config.sample_keep_ratio,
+        max_iters=config.max_bisect_iters,
+        tol=config.bisect_tolerance,
+        valid=rows[:, 2].bool(),
+    )
+    mine = slice(offset, offset + nll.shape[0])
+    sample_mask, q2 = triage.keep[mine].to(mask.device), triage.q2[mine].to(mask.device)
+
+    token_mask = prune_tokens(nll, mask, q2, config.token_keep_ratio, context_weight=config.context_weight)
+    token_mask &= sample_mask.unsqueeze(1)
+    stats = selection_stats(rows, triage, mask, sample_mask, token_mask)
+    return Selection(sample_mask, token_mask, q2, ppl, ent, triage, stats)
+
+
+def selection_stats(
+    rows: Tensor, triage: Triage, mask: Tensor, sample_mask: Tensor, token_mask: Tensor
+) -> dict[str, float]:
+    """The ``qtuning/`` logging dictionary of one selection.
+
+    Sample counts and means are over ``rows`` (the global mini-batch when
+    gathered); token counts are over this rank's ``mask``. A dropped sample is
+    filed as Q1 (PPL > ppl_hi and Ent > ent_hi), Q3 (PPL <= ppl_lo and
+    Ent <= ent_lo) or the middle band, by the last bisection iterate.
+    """
+    ppl, ent, valid = rows[:, 0], rows[:, 1], rows[:, 2].bool()
+    keep = triage.keep.to(rows.device)
+    dropped = valid & ~keep
+    q1 = dropped & (ppl > triage.ppl_hi) & (ent > triage.ent_hi)
+    q3 = dropped & (ppl <= triage.ppl_lo) & (ent <= triage.ent_lo)
+
+    trainable_tokens = float(mask.sum())
+    tokens_in_kept = float((mask & sample_mask.unsqueeze(1)).sum())
+    kept_tokens = float(token_mask.sum())
+    stats = {
+        "qtuning/samples_q1": float(q1.sum()),
+        "qtuning/samples_q2": float(triage.q2.sum()),
+        "qtuning/samples_q3": float(q3.sum()),
+        "qtuning/samples_q4": float(triage.q4.sum()),
+        "qtuning/samples_middle": float((dropped & ~q1 & ~q3).sum()),
+        "qtuning/samples_filled": float(triage.filled.sum()),
+        "qtuning/samples_without_target": float((~valid).sum()),
+        "qtuning/alpha": triage.alpha,
+        "qtuning/ppl_hi": triage.ppl_hi,
+        "qtuning/ppl_lo": triage.ppl_lo,
+        "qtuning/ent_lo": triage.ent_lo,
+        "qtuning/ent_hi": triage.ent_hi,
+        "qtuning/bisect_iters": float(triage.iterations),
+        "qtuning/kept_sample_frac": float(keep.sum()) / max(1, int(valid.sum())),
+        "qtuning/kept_token_frac": kept_tokens / tokens_in_kept if tokens_in_kept else 0.0,
+        "qtuning/trained_token_frac": kept_tokens / trainable_tokens if trainable_tokens else 0.0,
+        "qtuning/tokens_trainable": trainable_tokens,
+        "qtuning/tokens_kept": kept_tokens,
+    }
+    for name, group in (("kept", keep & valid), ("dropped", dropped)):
+        if bool(group.any()):
+            stats[f"qtuning/ppl_{name}_mean"] = float(ppl[group].mean())
+            stats[f"qtuning/ent_{name}_mean"] = float(ent[group].mean())
+    return stats

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny Llama with LoRA, built in-process (no hub, no files)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+VOCAB = 101
+
+
+def tiny_llama(seed: int = 0, lora: bool = True):
+    """A 2-layer Llama (hidden 32, vocab 101); with LoRA r 4 on every linear layer, dropout 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config)
+    if not lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(model, lora_config)
+
+
+def random_batch(batch: int = 8, length: int = 16, seed: int = 0, pad_right: bool = True):
+    """Right-padded SFT rows: a prompt (label -100), a response, then padding."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
+    labels = input_ids.clone()
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    for b in range(batch):
+        prompt = int(torch.randint(2, 5, (1,), generator=generator))
+        used = length - int(torch.randint(0, 5, (1,), generator=generator)) if pad_right else length
+        labels[b, :prompt] = -100
+        labels[b, used:] = -100
+        input_ids[b, used:] = 0
+        attention_mask[b, used:] = 0
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+@pytest.fixture
+def model():
+    return tiny_llama()
