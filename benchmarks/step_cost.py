@@ -5,8 +5,10 @@ Llama-architecture model with LoRA r 8 on every linear layer, one SFT
 micro-batch, and the median wall time of forward + backward over a few steps.
 
 Arms:
-  full     full-data SFT: the model's own loss (full [B, T, V] logits), all samples and tokens
-  RxR      Q-Tuning at (sample, token) keep ratios, two-pass step (scoring forward without
+  full        full-data SFT: the model's own loss (full [B, T, V] logits), all samples and tokens
+  full_fused  full-data SFT through our chunked fused cross-entropy (no [B, T, V] logits): one
+              forward + backward, all samples and tokens (Q-Tuning's warm-start path)
+  RxR         Q-Tuning at (sample, token) keep ratios, two-pass step (scoring forward without
            gradient, then forward + backward on the kept rows only)
 
 Reported as ratios to `full`, beside the ideal step cost (1 + 3r) / 3 (SPEC section 7).
@@ -14,6 +16,7 @@ The last printed line is one JSON object.
 
     python benchmarks/step_cost.py            # 8 layers, hidden 512, vocab 32000, seq 256, batch 16
     python benchmarks/step_cost.py --quick    # a smaller model, under 2 minutes
+    python benchmarks/step_cost.py --plot benchmarks/step_cost.png
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 
 ARMS = {"1x1": (1.0, 1.0), "0.5x0.7": (0.5, 0.7), "0.25x0.5": (0.25, 0.5), "0.125x0.5": (0.125, 0.5)}
 FULL = {"layers": 8, "hidden": 512, "vocab": 32000, "seq": 256, "batch": 16, "repeats": 3}
-QUICK = {"layers": 4, "hidden": 256, "vocab": 32000, "seq": 128, "batch": 16, "repeats": 2}
+QUICK = {"layers": 4, "hidden": 256, "vocab": 8000, "seq": 128, "batch": 16, "repeats": 2}
 
 
 def _rss_bytes() -> int:
@@ -75,13 +78,12 @@ def run_arm(arm: str, shape: dict) -> dict:
         class QTuningTrainer(QTuningTrainerMixin, Trainer):
             pass
 
-        sample_ratio, token_ratio = ARMS[arm]
+        if arm == "full_fused":
+            config = QTuningConfig(warmup_steps=10**9)  # every sample and token, one forward
+        else:
+            config = QTuningConfig(sample_keep_ratio=ARMS[arm][0], token_keep_ratio=ARMS[arm][1])
         args = TrainingArguments(output_dir="/tmp/qtuning-step-cost", report_to=[], use_cpu=True)
-        trainer = QTuningTrainer(
-            model=model,
-            args=args,
-            qtuning_config=QTuningConfig(sample_keep_ratio=sample_ratio, token_keep_ratio=token_ratio),
-        )
+        trainer = QTuningTrainer(model=model, args=args, qtuning_config=config)
 
         def step():
             trainer.compute_loss(model, inputs).backward()
@@ -100,6 +102,7 @@ def run_arm(arm: str, shape: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller model, under 2 minutes")
+    parser.add_argument("--plot", help="write a PNG of the ratios to this path")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = QUICK if args.quick else FULL
@@ -110,23 +113,47 @@ def main() -> None:
     print(f"model: {shape['layers']} layers, hidden {shape['hidden']}, vocab {shape['vocab']}, "
           f"seq {shape['seq']}, batch {shape['batch']}, LoRA r 8; median of {shape['repeats']} steps")
     results = {}
-    for arm in ["full", *ARMS]:
+    for arm in ["full", "full_fused", *ARMS]:
         command = [sys.executable, __file__, "--child", arm] + (["--quick"] if args.quick else [])
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[arm] = json.loads(output.strip().splitlines()[-1])
 
     full = results["full"]
+    ideal = {"full": 1.0, "full_fused": 1.0, **{arm: (1 + 3 * r) / 3 for arm, (r, _) in ARMS.items()}}
+    time_ratio = {arm: round(result["step_s"] / full["step_s"], 3) for arm, result in results.items()}
+    mem_ratio = {arm: round(result["peak_bytes"] / full["peak_bytes"], 3) for arm, result in results.items()}
     print(f"{'arm':>10} {'step s':>8} {'time ratio':>10} {'ideal':>6} {'peak MiB':>9} {'mem ratio':>9}")
-    print(f"{'full':>10} {full['step_s']:8.2f} {1.0:10.3f} {1.0:6.3f} {full['peak_bytes'] / 2**20:9.0f} {1.0:9.3f}")
-    time_ratio, mem_ratio = {}, {}
-    for arm, (sample_ratio, _) in ARMS.items():
-        result = results[arm]
-        time_ratio[arm] = round(result["step_s"] / full["step_s"], 3)
-        mem_ratio[arm] = round(result["peak_bytes"] / full["peak_bytes"], 3)
-        ideal = (1 + 3 * sample_ratio) / 3
-        print(f"{arm:>10} {result['step_s']:8.2f} {time_ratio[arm]:10.3f} {ideal:6.3f} "
+    for arm, result in results.items():
+        print(f"{arm:>10} {result['step_s']:8.2f} {time_ratio[arm]:10.3f} {ideal[arm]:6.3f} "
               f"{result['peak_bytes'] / 2**20:9.0f} {mem_ratio[arm]:9.3f}")
-    print(json.dumps({"step_time_ratio": time_ratio, "peak_mem_ratio": mem_ratio}))
+    if args.plot:
+        plot(time_ratio, mem_ratio, ideal, args.plot)
+    print(json.dumps({
+        "step_time_ratio": {arm: time_ratio[arm] for arm in ARMS},
+        "peak_mem_ratio": {arm: mem_ratio[arm] for arm in ARMS},
+    }))
+
+
+def plot(time_ratio: dict, mem_ratio: dict, ideal: dict, path: str) -> None:
+    """Bars of the step-time and peak-memory ratios per arm, with the ideal step cost marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(time_ratio)
+    x = range(len(arms))
+    figure, axis = plt.subplots(figsize=(8, 4))
+    axis.bar([i - 0.2 for i in x], [time_ratio[a] for a in arms], width=0.4, label="step time / full SFT")
+    axis.bar([i + 0.2 for i in x], [mem_ratio[a] for a in arms], width=0.4, label="peak memory / full SFT")
+    axis.scatter(list(x), [ideal[a] for a in arms], color="black", marker="_", s=600, label="ideal (1 + 3r) / 3")
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.set_xticks(list(x), arms)
+    axis.set_xlabel("arm (sample keep ratio x token keep ratio)")
+    axis.set_ylabel("ratio to full-data SFT")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

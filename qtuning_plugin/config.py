@@ -39,6 +39,10 @@ class QTuningConfig(BaseModel):
         le=1.0,
         description="Lambda of eq. 7: weight of the two neighbours' perplexities in the token score, in [0, 1].",
     )
+    prune_highest_scores: bool = Field(
+        default=True,
+        description="Prune the highest-scoring Q2 tokens (the paper). False prunes the lowest: an ablation only.",
+    )
     max_bisect_iters: int = Field(
         default=10, ge=1, description="Iterations of the quantile bisection, >= 1."
     )

@@ -29,6 +29,12 @@ def test_highest_scores_are_pruned():
     assert keep[0].tolist() == [False, True, True, False, False, False]
 
 
+def test_reversed_ablation_keeps_the_highest_scores():
+    nll, mask = row([9, 4, 1, 2, 8, 9], [False, True, True, True, True, False])
+    keep = prune_tokens(nll, mask, torch.tensor([True]), 0.5, context_weight=0.5, prune_highest=False)
+    assert keep[0].tolist() == [False, False, False, True, True, False]
+
+
 def test_context_weight_zero_is_plain_token_perplexity():
     nll, mask = row([9, 4, 1, 2, 8, 9], [False, True, True, True, True, False])
     assert token_scores(nll, mask, context_weight=0.0)[0, 1:5].tolist() == pytest.approx([4, 1, 2, 8])

@@ -89,7 +89,14 @@ def select(
     mine = slice(offset, offset + nll.shape[0])
     sample_mask, q2 = triage.keep[mine].to(mask.device), triage.q2[mine].to(mask.device)
 
-    token_mask = prune_tokens(nll, mask, q2, config.token_keep_ratio, context_weight=config.context_weight)
+    token_mask = prune_tokens(
+        nll,
+        mask,
+        q2,
+        config.token_keep_ratio,
+        context_weight=config.context_weight,
+        prune_highest=config.prune_highest_scores,
+    )
     token_mask &= sample_mask.unsqueeze(1)
     stats = selection_stats(rows, triage, mask, sample_mask, token_mask)
     return Selection(sample_mask, token_mask, q2, ppl, ent, triage, stats)

@@ -37,6 +37,7 @@ def prune_tokens(
     token_keep_ratio: float,
     *,
     context_weight: float = 0.5,
+    prune_highest: bool = True,
 ) -> Tensor:
     """Keep the lowest-scoring ``max(1, floor(r_token * L))`` tokens of each Q2 sample.
 
@@ -46,6 +47,8 @@ def prune_tokens(
         q2: ``[B]`` bool, the rows to prune.
         token_keep_ratio: r_token in (0, 1].
         context_weight: lam of eq. 7, in [0, 1].
+        prune_highest: False reverses the ranking and keeps the highest-scoring
+            tokens instead (the paper's ablation, which does worse).
 
     Returns:
         ``[B, T]`` bool keep mask. Q2 rows keep their lowest-scoring tokens
@@ -55,6 +58,8 @@ def prune_tokens(
         raise ValueError(f"token_keep_ratio must be in (0, 1]; got {token_keep_ratio}")
     mask = mask.bool()
     scores = token_scores(nll, mask, context_weight=context_weight)
+    if not prune_highest:
+        scores = torch.where(mask, -scores, scores)
     # Stable ascending sort: among equal scores the earlier position ranks first.
     order = torch.sort(scores, dim=1, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))

@@ -1,0 +1,240 @@
+"""GPU step time and peak memory of Q-Tuning's backends versus full-data SFT with Liger (issue 5).
+
+One training micro-batch (forward + backward, no optimizer step) of a Llama-architecture model
+in bfloat16 with LoRA r 16 on every linear layer, measured in one process on one GPU:
+
+  full/liger       plain HF-style SFT on the whole micro-batch: the decoder's hidden states and
+                   Liger's LigerFusedLinearCrossEntropyFunction, mean loss over every trainable token
+                   (what Axolotl's liger plugin computes in lce_forward)
+  full/torch       the same with our chunked torch op
+  SxT/liger        Q-Tuning, `QTuningTrainerMixin.qtuning_loss`, backend liger, keep ratios S x T
+  SxT/torch        the same with backend torch
+
+at the paper's budgets 0.25 x 0.5 and 0.125 x 0.5. Step time is the median of ``--repeats``
+timed steps after ``--warmup`` untimed ones (Triton compiles on the first); peak memory is
+``torch.cuda.max_memory_allocated`` over those steps (model, LoRA state and activations).
+Ratios are to ``full/liger``. A table is printed, then one JSON line.
+
+    python benchmarks/gpu_step.py                       # 8 layers, hidden 1024, vocab 32000, seq 1024, batch 8
+    python benchmarks/gpu_step.py --device cpu --tiny   # CPU smoke run of the same logic (torch arms;
+                                                        # liger arms too under TRITON_INTERPRET=1)
+
+Exit status: 0 after a run, and 0 also when CUDA is requested but unavailable (a message says
+so and nothing is measured); 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Optional
+
+import torch
+
+BUDGETS = {"0.25x0.5": (0.25, 0.5), "0.125x0.5": (0.125, 0.5)}
+FULL = {"layers": 8, "hidden": 1024, "heads": 16, "vocab": 32000, "seq": 1024, "batch": 8, "lora_r": 16}
+TINY = {"layers": 2, "hidden": 64, "heads": 4, "vocab": 509, "seq": 32, "batch": 8, "lora_r": 4}
+
+
+def build_model(shape: dict, device: torch.device, dtype: torch.dtype):
+    """A randomly initialised LlamaForCausalLM with LoRA on every linear layer, in ``dtype`` on ``device``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["hidden"] * 11 // 4,
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["heads"],
+        max_position_embeddings=shape["seq"],
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    lora = LoraConfig(r=shape["lora_r"], lora_alpha=2 * shape["lora_r"], lora_dropout=0.0, target_modules="all-linear")
+    model = get_peft_model(model, lora)
+    model.train()
+    return model
+
+
+def make_batch(shape: dict, device: torch.device) -> dict:
+    """SFT rows ``[batch, seq]``: the first quarter is prompt (label -100), no padding."""
+    generator = torch.Generator().manual_seed(1)
+    batch, seq = shape["batch"], shape["seq"]
+    input_ids = torch.randint(0, shape["vocab"], (batch, seq), generator=generator)
+    labels = input_ids.clone()
+    labels[:, : seq // 4] = -100
+    inputs = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
+    return {key: value.to(device) for key, value in inputs.items()}
+
+
+def backend_for(name: str, device: torch.device):
+    """``(backend, None)`` for our backend ``name`` on ``device``, or ``(None, why it cannot run)``."""
+    from qtuning_plugin.ops.backends import TORCH, liger_backend, liger_problem
+
+    if name == "torch":
+        return TORCH, None
+    if device.type == "cpu":  # Liger's and our Triton kernels run on CPU only in the Triton interpreter
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return liger_backend(device), None
+        return None, "liger on CPU runs only under TRITON_INTERPRET=1"
+    problem = liger_problem(device)
+    return (None, problem) if problem else (liger_backend(device), None)
+
+
+def full_step_fn(model, inputs: dict, backend):
+    """Full-data SFT: mean cross-entropy over every trainable token, through ``backend``'s fused op."""
+    from qtuning_plugin.modeling import final_hidden_states, lm_head_parameters, shifted_targets, unwrap_causal_lm
+
+    weight, bias = lm_head_parameters(unwrap_causal_lm(model))
+    targets = shifted_targets(inputs["labels"]).reshape(-1)
+
+    def step() -> torch.Tensor:
+        hidden = final_hidden_states(model, inputs)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        loss = backend.linear_cross_entropy(flat, weight, targets, bias=bias, reduction="mean")
+        loss.backward()
+        return loss
+
+    return step
+
+
+def qtuning_step_fn(model, inputs: dict, backend, ratios: tuple[float, float], device: torch.device):
+    """Q-Tuning's two-pass step through the real trainer loss (`QTuningTrainerMixin.qtuning_loss`)."""
+    from transformers import Trainer, TrainingArguments
+
+    from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
+
+    class QTuningTrainer(QTuningTrainerMixin, Trainer):
+        pass
+
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="qtuning-gpu-step-"),
+        report_to=[],
+        use_cpu=device.type == "cpu",
+        save_strategy="no",
+    )
+    config = QTuningConfig(sample_keep_ratio=ratios[0], token_keep_ratio=ratios[1], backend=backend.name)
+    trainer = QTuningTrainer(model=model, args=args, qtuning_config=config)
+    trainer._qtuning_backend = backend  # already resolved (and, on CPU, liger under the interpreter)
+
+    def step() -> torch.Tensor:
+        loss = trainer.qtuning_loss(model, inputs)
+        loss.backward()
+        return loss
+
+    return step
+
+
+def measure(step, model, device: torch.device, warmup: int, repeats: int) -> dict:
+    """Median seconds per step and peak allocated bytes (CUDA only; None on CPU)."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        model.zero_grad(set_to_none=True)
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    for _ in range(repeats):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        loss = step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss.detach()))
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    model.zero_grad(set_to_none=True)
+    return {"step_s": statistics.median(times), "peak_bytes": peak, "loss": losses[-1]}
+
+
+def run(shape: dict, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
+    """Every arm that can run on ``device``; ``{arm: measure(...) or {"skipped": reason}}``."""
+    model = build_model(shape, device, dtype)
+    inputs = make_batch(shape, device)
+    results: dict[str, dict] = {}
+    for backend_name in ("liger", "torch"):
+        backend, reason = backend_for(backend_name, device)
+        if backend is None:
+            results[f"full/{backend_name}"] = {"skipped": reason}
+            results.update({f"{b}/{backend_name}": {"skipped": reason} for b in BUDGETS})
+            continue
+        print(f"backend {backend.description}")
+        results[f"full/{backend_name}"] = measure(full_step_fn(model, inputs, backend), model, device, warmup, repeats)
+        for budget, ratios in BUDGETS.items():
+            step = qtuning_step_fn(model, inputs, backend, ratios, device)
+            results[f"{budget}/{backend_name}"] = measure(step, model, device, warmup, repeats)
+    return results
+
+
+def report(results: dict, shape: dict, device: torch.device) -> dict:
+    """Print the table; return the summary (also printed as the last line, JSON)."""
+    base_name = "full/liger" if "step_s" in results.get("full/liger", {}) else "full/torch"
+    base = results[base_name]
+    print(f"{'arm':>16} {'step ms':>9} {'time ratio':>10} {'peak MiB':>9} {'mem ratio':>9} {'loss':>8}")
+    time_ratio, mem_ratio = {}, {}
+    for arm, result in results.items():
+        if "skipped" in result:
+            print(f"{arm:>16}  skipped: {result['skipped']}")
+            continue
+        time_ratio[arm] = round(result["step_s"] / base["step_s"], 3)
+        peak: Optional[int] = result["peak_bytes"]
+        mem = round(peak / base["peak_bytes"], 3) if peak is not None else None
+        mem_ratio[arm] = mem
+        peak_text = f"{peak / 2**20:9.0f}" if peak is not None else f"{'n/a':>9}"
+        mem_text = f"{mem:9.3f}" if mem is not None else f"{'n/a':>9}"
+        step_ms = result["step_s"] * 1e3
+        print(f"{arm:>16} {step_ms:9.1f} {time_ratio[arm]:10.3f} {peak_text} {mem_text} {result['loss']:8.4f}")
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "shape": shape,
+        "baseline": base_name,
+        "results": results,
+        "step_time_ratio": time_ratio,
+        "peak_mem_ratio": mem_ratio,
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run; no memory figures)")
+    parser.add_argument("--tiny", action="store_true", help=f"a tiny model: {TINY}")
+    parser.add_argument(
+        "--dtype", default=None, choices=["bfloat16", "float32"], help="default: bfloat16 on CUDA, float32 on CPU"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per arm (2; 0 with --tiny)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per arm (5; 1 with --tiny)")
+    for key, value in FULL.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"default {value}")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/gpu_step.py needs a CUDA GPU: torch.cuda.is_available() is False. Nothing measured. "
+              "`--device cpu --tiny` runs the same logic on CPU as a smoke test.")
+        return 0
+    shape = dict(TINY if args.tiny else FULL)
+    shape.update({key: getattr(args, key) for key in FULL if getattr(args, key) is not None})
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 2)
+    repeats = args.repeats if args.repeats is not None else (1 if args.tiny else 5)
+
+    print(f"device {device} ({dtype}), model: {shape}; median of {repeats} steps after {warmup} warm-up steps")
+    results = run(shape, device, dtype, warmup, repeats)
+    summary = report(results, shape, device)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

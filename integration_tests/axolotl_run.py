@@ -1,0 +1,121 @@
+"""Helpers for the integration tests: real `axolotl train` runs in a subprocess, offline.
+
+(Not a conftest.py: `tests/` imports its own `conftest` by name, and a second
+module of that name here would shadow it when both folders are collected.)
+
+Each run gets a config derived from ``examples/tiny-cpu-qtuning.yml`` (base
+model, output and dataset-cache folders pointed into pytest's tmp dir, fewer
+steps) and runs ``python -m axolotl.cli.main train CONFIG`` with the current
+interpreter, from the tmp dir, with the hub and telemetry off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+EXAMPLE = REPO / "examples" / "tiny-cpu-qtuning.yml"
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "AXOLOTL_DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "disabled",
+    "CUDA_VISIBLE_DEVICES": "",  # CPU even where a GPU exists: the example is a CPU config
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def deep_update(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` merged in; nested dicts merge, a None value deletes the key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def tiny_config(workdir: Path, base_model: Any, *, steps: int = 10, **overrides: Any) -> Path:
+    """Write a config derived from the tiny CPU example into ``workdir``; return its path.
+
+    ``steps`` sets max_steps, and save/eval at the last step, so that
+    ``output_dir/checkpoint-<steps>/trainer_state.json`` holds the whole log.
+    """
+    from qtuning_plugin.tiny import dataset_path
+
+    cfg = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    cfg["base_model"] = str(base_model)
+    cfg["output_dir"] = str(workdir / "out")
+    cfg["dataset_prepared_path"] = str(workdir / "prepared")
+    cfg["datasets"][0]["path"] = str(dataset_path())
+    cfg.update(max_steps=steps, save_steps=steps, eval_steps=steps)
+    cfg = deep_update(cfg, overrides)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str  # stdout and stderr, interleaved
+    output_dir: Path
+    seconds: float
+
+    def tail(self, lines: int = 80) -> str:
+        return "\n".join(self.output.splitlines()[-lines:])
+
+    def trainer_state(self) -> dict:
+        """The last checkpoint's trainer_state.json (Axolotl writes none into output_dir itself)."""
+        states = sorted(
+            self.output_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1])
+        )
+        assert states, f"no checkpoint-*/trainer_state.json under {self.output_dir}:\n{self.tail()}"
+        return json.loads(states[-1].read_text(encoding="utf-8"))
+
+    def train_logs(self) -> list[dict]:
+        """The log_history entries of training steps (those with a training ``loss``)."""
+        return [entry for entry in self.trainer_state()["log_history"] if "loss" in entry]
+
+    def probe(self) -> dict:
+        return json.loads((self.output_dir / "qtuning_probe.json").read_text(encoding="utf-8"))
+
+
+def run_axolotl_train(config: Path, *, timeout: float = 600, extra_env: Optional[dict] = None) -> Run:
+    """``axolotl train CONFIG`` in a subprocess, from the config's folder."""
+    env = {**os.environ, **OFFLINE_ENV, **(extra_env or {})}
+    # `axolotl train` execs `accelerate launch ...`, found on PATH: use the one next to this interpreter
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # the probe plugin (qtuning_probe.ProbePlugin) lives next to this file
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    cfg = yaml.safe_load(config.read_text(encoding="utf-8"))
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "axolotl.cli.main", "train", str(config)],
+        cwd=config.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+    seconds = time.monotonic() - start
+    (config.parent / "axolotl.log").write_text(proc.stdout, encoding="utf-8")
+    return Run(proc.returncode, proc.stdout, Path(cfg["output_dir"]), seconds)

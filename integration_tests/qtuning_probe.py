@@ -1,0 +1,126 @@
+"""A test-only Axolotl plugin that records what happened inside `axolotl train`.
+
+The integration tests add ``qtuning_probe.ProbePlugin`` to a config's
+``plugins:`` (with this folder on ``PYTHONPATH``). It writes
+``<output_dir>/qtuning_probe.json`` with:
+
+* ``trainer_cls``: the class of the trainer Axolotl built;
+* ``linear4bit``: the bitsandbytes ``Linear4bit`` modules of the loaded model
+  (name, packed weight dtype and shape, quant type), the proof that QLoRA
+  really quantised the base layers;
+* ``lora``: for every LoRA weight, its norm after loading and the norm of its
+  change over training (LoRA B starts at zero, so a non-zero B changed);
+* ``batch``: the keys, shapes and one right-padded row of the first collated
+  training batch (position_ids included), for the report;
+* ``selections``: one entry per call of `qtuning_plugin.core.select` during
+  training (one per micro-batch): every sample's PPL, Ent, trainable-token
+  count L, kept-token count and Q2/kept flags, so that a test can redo the
+  SPEC's triage and token budget independently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from axolotl.integrations.base import BasePlugin
+
+PROBE_FILE = "qtuning_probe.json"
+
+
+class ProbePlugin(BasePlugin):
+    def __init__(self) -> None:
+        super().__init__()
+        self.record: dict[str, Any] = {}
+        self.lora_before: dict[str, torch.Tensor] = {}
+
+    def register(self, cfg) -> None:
+        import qtuning_plugin.trainer as qtuning_trainer
+
+        original = qtuning_trainer.select
+        selections = self.record.setdefault("selections", [])
+
+        def recording_select(nll, entropy, mask, config, **kwargs):
+            selection = original(nll, entropy, mask, config, **kwargs)
+            selections.append(
+                {
+                    "ppl": selection.ppl.tolist(),
+                    "ent": selection.ent.tolist(),
+                    "trainable": mask.sum(dim=1).tolist(),
+                    "kept_tokens": selection.token_mask.sum(dim=1).tolist(),
+                    "keep": selection.sample_mask.tolist(),
+                    "q2": selection.q2.tolist(),
+                    "stats": selection.stats,
+                }
+            )
+            return selection
+
+        if not getattr(original, "_qtuning_probe", False):
+            recording_select._qtuning_probe = True
+            qtuning_trainer.select = recording_select
+
+    def _write(self, cfg) -> None:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, PROBE_FILE), "w", encoding="utf-8") as handle:
+            json.dump(self.record, handle, indent=1, default=str)
+
+    def post_model_load(self, cfg, model) -> None:
+        linear4bit = []
+        try:
+            import bitsandbytes as bnb
+
+            for name, module in model.named_modules():
+                if isinstance(module, bnb.nn.Linear4bit):
+                    weight = module.weight
+                    quant_state = getattr(weight, "quant_state", None)
+                    linear4bit.append(
+                        {
+                            "name": name,
+                            "weight_cls": type(weight).__name__,
+                            "weight_dtype": str(weight.dtype),
+                            "weight_shape": list(weight.shape),
+                            "quant_type": getattr(quant_state, "quant_type", None),
+                            "logical_shape": list(getattr(quant_state, "shape", []) or []),
+                        }
+                    )
+        except ImportError:
+            pass
+        self.record["linear4bit"] = linear4bit
+        self.record["model_cls"] = type(model).__name__
+        self.lora_before = {
+            name: param.detach().float().clone() for name, param in model.named_parameters() if "lora_" in name
+        }
+        self._write(cfg)
+
+    def post_trainer_create(self, cfg, trainer) -> None:
+        self.record["trainer_cls"] = f"{type(trainer).__module__}.{type(trainer).__name__}"
+        batch = next(iter(trainer.get_train_dataloader()))
+        info: dict[str, Any] = {
+            "keys": sorted(batch.keys()),
+            "shapes": {key: list(value.shape) for key, value in batch.items() if torch.is_tensor(value)},
+        }
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            lengths = mask.sum(dim=1)
+            row = int(lengths.argmin())
+            info["row"] = row
+            info["row_length"] = int(lengths[row])
+            for key in ("input_ids", "labels", "attention_mask", "position_ids"):
+                if key in batch and torch.is_tensor(batch[key]):
+                    info[f"row_{key}"] = batch[key][row].tolist()
+        self.record["batch"] = info
+        self._write(cfg)
+
+    def post_train(self, cfg, model) -> None:
+        after = {name: param.detach().float() for name, param in model.named_parameters() if "lora_" in name}
+        self.record["lora"] = {
+            name: {
+                "norm_before": float(self.lora_before[name].norm()) if name in self.lora_before else None,
+                "norm_after": float(value.norm()),
+                "change": float((value - self.lora_before[name]).norm()) if name in self.lora_before else None,
+            }
+            for name, value in after.items()
+        }
+        self._write(cfg)

@@ -1,0 +1,250 @@
+"""End to end: the real `axolotl train` (subprocess, CPU, offline) on the tiny example.
+
+About 4-5 minutes on 2 CPU cores: each run is ~50 s, nearly all of it start-up
+(`axolotl` -> `accelerate launch` -> the training process); the training
+steps themselves take well under a second each.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from axolotl_run import Run, run_axolotl_train, tiny_config
+
+pytestmark = pytest.mark.integration
+
+STEPS = 12
+MICRO_BATCH = 8
+SAMPLE_KEEP, TOKEN_KEEP = 0.5, 0.5
+STORAGE_BYTES = {"torch.uint8": 1, "torch.bfloat16": 2, "torch.float16": 2, "torch.float32": 4}
+PROBE = ["qtuning_plugin.QTuningPlugin", "qtuning_probe.ProbePlugin"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny Llama and tokenizer, built once for this module (about 10 s)."""
+    from qtuning_plugin.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def qtuning_run(tiny_model, tmp_path_factory) -> Run:
+    config = tiny_config(
+        tmp_path_factory.mktemp("qtuning"),
+        tiny_model,
+        steps=STEPS,
+        plugins=PROBE,
+        qtuning={"sample_keep_ratio": SAMPLE_KEEP, "token_keep_ratio": TOKEN_KEEP},
+    )
+    return run_axolotl_train(config)
+
+
+def check_finished(run: Run) -> None:
+    assert run.returncode == 0, f"axolotl train failed ({run.returncode}):\n{run.tail()}"
+    adapter = run.output_dir / "adapter_model.safetensors"
+    assert adapter.is_file(), f"no adapter saved in {run.output_dir}: {sorted(p.name for p in run.output_dir.iterdir())}"
+
+
+def check_loss_falls(run: Run, *, evaluated: bool = True) -> list[float]:
+    logs = run.train_logs()
+    assert len(logs) == STEPS, [sorted(entry) for entry in logs]
+    losses = [entry["loss"] for entry in logs]
+    assert all(math.isfinite(loss) for loss in losses), losses
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 0.2, f"training loss did not fall clearly: {losses}"
+    if not evaluated:
+        return losses
+    # the held-out loss (plain cross-entropy, before training and at the last step) falls too
+    evals = [entry["eval_loss"] for entry in run.trainer_state()["log_history"] if "eval_loss" in entry]
+    assert len(evals) == 2 and evals[1] < evals[0], evals
+    return losses
+
+
+def reference_triage(ppl: torch.Tensor, ent: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC section 4 (Algorithm 1 + fill-up), written out independently: ``(keep, q2)`` over valid samples."""
+    n = ppl.numel()
+    target = max(1, round(ratio * n))
+    lo, hi = 0.0, 0.49
+    for _ in range(10):
+        a = (lo + hi) / 2
+        ppl_hi, ppl_lo = torch.quantile(ppl, 1 - a), torch.quantile(ppl, a)
+        ent_lo, ent_hi = torch.quantile(ent, a), torch.quantile(ent, 1 - a)
+        q2 = (ppl > ppl_hi) & (ent <= ent_lo)
+        q4 = (ppl <= ppl_lo) & (ent > ent_hi)
+        kept = int(q2.sum() + q4.sum()) / n
+        if abs(kept - ratio) < 0.01:
+            break
+        if kept < ratio:
+            lo = a
+        else:
+            hi = a
+    missing = target - int((q2 | q4).sum())
+    if missing > 0:
+
+        def normalise(x):
+            span = x.max() - x.min()
+            return (x - x.min()) / span if span >= 1e-12 else torch.zeros_like(x)
+
+        p, e = normalise(ppl), normalise(ent)
+        support = torch.maximum(p - e, e - p)
+        candidates = [i for i in range(n) if not (q2[i] or q4[i])]
+        candidates.sort(key=lambda i: (-float(support[i]), i))
+        for i in candidates[:missing]:
+            if p[i] - e[i] >= e[i] - p[i]:
+                q2[i] = True
+            else:
+                q4[i] = True
+    return q2 | q4, q2
+
+
+def test_qtuning_trains_and_saves_adapter(qtuning_run):
+    check_finished(qtuning_run)
+    assert "Q-Tuning is active" in qtuning_run.output
+    probe = qtuning_run.probe()
+    assert probe["trainer_cls"] == "qtuning_plugin.axolotl.trainer.AxolotlQTuningTrainer"
+    # LoRA B starts at zero: non-zero B in the saved adapter means training changed it
+    weights = load_file(str(qtuning_run.output_dir / "adapter_model.safetensors"))
+    lora_b = {name: w for name, w in weights.items() if "lora_B" in name}
+    assert lora_b and all(float(w.abs().max()) > 0 for w in lora_b.values()), sorted(lora_b)
+
+
+def test_qtuning_loss_is_finite_and_falls(qtuning_run):
+    check_finished(qtuning_run)
+    check_loss_falls(qtuning_run)
+
+
+def test_qtuning_metrics_logged_within_spec(qtuning_run):
+    check_finished(qtuning_run)
+    logs = qtuning_run.train_logs()
+    target = max(1, round(SAMPLE_KEEP * MICRO_BATCH))
+    for entry in logs:
+        for key in ("samples_q1", "samples_q2", "samples_q3", "samples_q4", "kept_sample_frac", "kept_token_frac"):
+            assert f"qtuning/{key}" in entry, (key, sorted(entry))
+        q1, q2, q3, q4 = (entry[f"qtuning/samples_q{i}"] for i in range(1, 5))
+        valid = MICRO_BATCH - entry["qtuning/samples_without_target"]
+        assert q1 + q2 + q3 + q4 + entry["qtuning/samples_middle"] == pytest.approx(valid)
+        # kept = Q2 + Q4: at least K = max(1, round(r * B)) (fill-up), more only if the bisection overshot
+        frac = entry["qtuning/kept_sample_frac"]
+        assert frac == pytest.approx((q2 + q4) / valid)
+        assert target / valid - 1e-9 <= frac <= 1.0
+        # tokens: Q2 samples keep max(1, floor(r_token * L)) <= r_token * L (L >= 2 here), Q4 samples all L
+        token_frac, kept_tokens = entry["qtuning/kept_token_frac"], entry["qtuning/tokens_kept"]
+        assert kept_tokens <= entry["qtuning/tokens_trainable"]
+        in_kept_samples = kept_tokens / token_frac
+        assert token_frac <= 1.0 + 1e-9
+        assert token_frac >= TOKEN_KEEP - q2 / (2 * in_kept_samples) - 1e-9
+        if q4 == 0:
+            assert token_frac <= TOKEN_KEEP + 1e-9
+        if q2 == 0:
+            assert token_frac == pytest.approx(1.0)
+    # pruning happened: on average about half the samples, and fewer tokens than offered
+    mean_frac = sum(entry["qtuning/kept_sample_frac"] for entry in logs) / len(logs)
+    assert mean_frac <= SAMPLE_KEEP + 0.25, mean_frac
+    assert sum(entry["qtuning/tokens_kept"] for entry in logs) < sum(entry["qtuning/tokens_trainable"] for entry in logs)
+
+
+def test_qtuning_selection_matches_spec(qtuning_run):
+    """Redo each micro-batch's triage from the recorded per-sample (PPL, Ent), as SPEC sections 4-5 say."""
+    check_finished(qtuning_run)
+    selections = qtuning_run.probe()["selections"]
+    assert len(selections) == STEPS  # one scoring per micro-batch, none during evaluation
+    for step, record in enumerate(selections, start=1):
+        trainable = torch.tensor(record["trainable"])
+        valid = trainable > 0
+        ppl = torch.tensor(record["ppl"], dtype=torch.float64)[valid]
+        ent = torch.tensor(record["ent"], dtype=torch.float64)[valid]
+        keep, q2 = reference_triage(ppl, ent, SAMPLE_KEEP)
+        assert torch.tensor(record["keep"])[valid].tolist() == keep.tolist(), f"step {step}"
+        assert torch.tensor(record["q2"])[valid].tolist() == q2.tolist(), f"step {step}"
+        kept_tokens = torch.tensor(record["kept_tokens"])
+        for i, length in enumerate(record["trainable"]):
+            if not record["keep"][i]:
+                expected = 0
+            elif record["q2"][i]:
+                expected = max(1, math.floor(TOKEN_KEEP * length))
+            else:
+                expected = length
+            assert int(kept_tokens[i]) == expected, (step, i, length, record["q2"][i])
+
+
+def test_position_ids_absent_in_unpacked_batches(qtuning_run):
+    """What the trainer receives without sample packing: right padding, no position_ids."""
+    check_finished(qtuning_run)
+    batch = qtuning_run.probe()["batch"]
+    assert {"input_ids", "labels", "attention_mask"} <= set(batch["keys"])
+    mask = batch["row_attention_mask"]
+    length = batch["row_length"]
+    assert mask == [1] * length + [0] * (len(mask) - length)  # right-padded
+    assert all(label == -100 for label in batch["row_labels"][length:])
+
+
+def test_disabled_qtuning_trains_with_plain_loss(tiny_model, tmp_path):
+    config = tiny_config(tmp_path, tiny_model, steps=STEPS, qtuning={"enabled": False})
+    run = run_axolotl_train(config)
+    check_finished(run)
+    logs = run.train_logs()
+    assert not [key for entry in run.trainer_state()["log_history"] for key in entry if key.startswith("qtuning/")]
+    assert all(math.isfinite(entry["loss"]) for entry in logs)
+    check_loss_falls(run)
+    assert "Q-Tuning is active" not in run.output
+
+
+def test_qlora_trains_with_4bit_layers(tiny_model, tmp_path):
+    config = tiny_config(
+        tmp_path,
+        tiny_model,
+        steps=STEPS,
+        plugins=PROBE,
+        adapter="qlora",
+        load_in_4bit=True,
+        # No evaluation: on CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight for
+        # inference the first time it runs in eval mode without grad (Axolotl evaluates before
+        # training), and the repacked kernel (gemv_4bit) has no autograd: later training steps
+        # would backpropagate through it with a warning. Plain Axolotl QLoRA does the same.
+        val_set_size=0,
+        eval_steps=None,
+    )
+    run = run_axolotl_train(config)
+    check_finished(run)
+    probe = run.probe()
+    assert probe["trainer_cls"] == "qtuning_plugin.axolotl.trainer.AxolotlQTuningTrainer"
+    # every linear layer of the 2 decoder layers (q, k, v, o, gate, up, down) is a bnb Linear4bit
+    layers = probe["linear4bit"]
+    assert len(layers) == 2 * 7, [layer["name"] for layer in layers]
+    for layer in layers:
+        assert layer["weight_cls"] == "Params4bit" and layer["quant_type"] == "nf4", layer
+        packed_bytes = math.prod(layer["weight_shape"]) * STORAGE_BYTES[layer["weight_dtype"]]
+        assert packed_bytes * 2 == math.prod(layer["logical_shape"]), layer  # two 4-bit values a byte
+    # the LoRA weights changed (B starts at zero) and the base layers did not get LoRA'd away
+    lora = probe["lora"]
+    assert lora and all(v["change"] > 0 for v in lora.values()), lora
+    assert all(v["norm_after"] > 0 for k, v in lora.items() if "lora_B" in k)
+    assert "gemv_4bit: an autograd kernel was not registered" not in run.output
+    check_loss_falls(run, evaluated=False)
+    assert all("qtuning/kept_sample_frac" in entry for entry in run.train_logs())
+
+
+@pytest.mark.parametrize(
+    "section, key, message",
+    [
+        ({"sample_keep_ratio": 1.5}, "qtuning.sample_keep_ratio", "less than or equal to 1"),
+        ({"samples_keep_ratio": 0.5}, "qtuning.samples_keep_ratio", "Extra inputs are not permitted"),
+    ],
+    ids=["out-of-range", "unknown-key"],
+)
+def test_bad_qtuning_section_fails_before_model_load(tmp_path, section, key, message):
+    missing_model = tmp_path / "no-such-model"  # reaching the model loader would fail differently
+    config = tiny_config(tmp_path, missing_model, steps=STEPS, qtuning=section)
+    run = run_axolotl_train(config, timeout=300)
+    assert run.returncode != 0
+    assert "ValidationError" in run.output and key in run.output and message in run.output, run.tail()
+    # it stopped in config validation: no plugin pre_model_load, no model loader, no mention of the model path
+    assert "Q-Tuning is active" not in run.output
+    assert "axolotl.loaders" not in run.output
+    assert str(missing_model) not in run.output

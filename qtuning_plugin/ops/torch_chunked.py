@@ -1,0 +1,260 @@
+"""Chunked LM-head statistics and cross-entropy in pure PyTorch.
+
+Both ops take the hidden states ``[N, H]`` that feed the LM head ``weight [V, H]`` (+ optional
+``bias [V]``) and never materialise the full ``[N, V]`` logits. Rows whose target equals
+``ignore_index`` are dropped first; the rest are processed in chunks of ``chunk_size`` rows: one
+matmul ``z = hidden_chunk @ weight.T`` in the input dtype, then float32 (float64 for float64
+inputs) bias, softmax and reductions, in two ``[chunk_size, V]`` buffers reused by every chunk.
+
+* :func:`token_stats` -- per-token NLL and predictive entropy (nats), no autograd.
+* :func:`linear_cross_entropy` -- differentiable cross-entropy with a chunked backward.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["default_chunk_size", "linear_cross_entropy", "token_stats"]
+
+#: Element budget of one chunk's logits: 2**24 float32 values = 64 MiB.
+_CHUNK_ELEMENTS = 2**24
+#: Half of it where the gradients are computed too: the float32 [V, H] gradient accumulator
+#: is live beside the two chunk buffers, so smaller chunks keep the peak lower.
+_GRAD_CHUNK_ELEMENTS = 2**23
+_REDUCTIONS = ("sum", "mean", "none")
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int, *, elements: int = _CHUNK_ELEMENTS) -> int:
+    """Rows per chunk so that one chunk's float32 logits take at most ``elements`` values (64 MiB).
+
+    The rule is ``min(num_tokens, 2**floor(log2(elements // vocab_size)))``, at least 1: the largest
+    power of two whose ``[rows, vocab_size]`` float32 block holds at most ``elements`` values,
+    capped at the number of tokens (e.g. 512 rows for ``vocab_size=32000``). `linear_cross_entropy`
+    uses half that budget (256 rows there).
+    """
+    rows = max(1, elements // max(1, vocab_size))
+    return max(1, min(num_tokens, 1 << (rows.bit_length() - 1)))
+
+
+def _validate(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    chunk_size: Optional[int],
+    elements: int = _CHUNK_ELEMENTS,
+) -> int:
+    """Check shapes and dtypes; return the chunk size to use."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"weight must be 2-D [V, H] with H={hidden.shape[1]} (from hidden), got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"targets must be 1-D [N] with N={hidden.shape[0]} (from hidden), got {tuple(targets.shape)}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must be 1-D [V] with V={weight.shape[0]}, got shape {tuple(bias.shape)}")
+    if chunk_size is None:
+        return default_chunk_size(hidden.shape[0], weight.shape[0], elements=elements)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return chunk_size
+
+
+def _softmax_chunks(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_size: int
+) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+    """Yield ``(start, z, p, lse)`` for each chunk of ``C <= chunk_size`` rows of ``hidden``.
+
+    ``z [C, V]`` are the logits ``hidden[start:start + C] @ weight.T + bias``, ``p [C, V]`` their
+    softmax and ``lse [C]`` their logsumexp. The matmul runs in the input dtype, the rest in float32
+    (float64 for float64 inputs). ``z`` and ``p`` are views of buffers that the next chunk
+    overwrites, so callers may modify them in place.
+    """
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    rows = max(1, min(chunk_size, hidden.shape[0]))
+    z_buf, p_buf = (hidden.new_empty(rows, weight.shape[0], dtype=acc) for _ in range(2))
+    mm_buf = z_buf if acc == hidden.dtype else hidden.new_empty(z_buf.shape)
+    for start in range(0, hidden.shape[0], rows):
+        h = hidden[start : start + rows]
+        z, p, mm = z_buf[: len(h)], p_buf[: len(h)], mm_buf[: len(h)]
+        torch.matmul(h, weight.T, out=mm)
+        if mm is not z:
+            z.copy_(mm)
+        if bias is not None:
+            z += bias
+        torch.softmax(z, dim=1, out=p)
+        # The row max has probability 1 / sum_v exp(z_v - max), so lse = max - log(max_v p_v).
+        yield start, z, p, z.amax(dim=1) - p.amax(dim=1).log()
+
+
+def _valid_rows(targets: Tensor, ignore_index: int) -> Tensor:
+    """Indices ``[M]`` (int64) of the rows whose target is not ``ignore_index``."""
+    return (targets != ignore_index).nonzero().squeeze(1)
+
+
+@torch.no_grad()
+def token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-token negative log-likelihood and predictive entropy of the LM head, in nats.
+
+    Args:
+        hidden: ``[N, H]`` hidden states (float32, bfloat16 or float16).
+        weight: ``[V, H]`` LM-head weight, same dtype as ``hidden``.
+        targets: ``[N]`` int64 next-token ids; ``ignore_index`` marks positions to skip.
+        bias: optional ``[V]`` LM-head bias.
+        ignore_index: target value of skipped positions.
+        chunk_size: tokens per chunk; ``None`` uses :func:`default_chunk_size`.
+
+    Returns:
+        ``(nll, entropy)``, each ``[N]`` float32 (float64 for float64 inputs), with ``z`` the logits:
+        ``nll = logsumexp(z) - z[target]`` and ``entropy = logsumexp(z) - sum_v softmax(z)_v z_v``
+        (entropy of the full-vocabulary predictive distribution). Both are 0 at ignored positions.
+        No autograd graph is recorded.
+    """
+    chunk_size = _validate(hidden, weight, targets, bias, chunk_size)
+    rows = _valid_rows(targets, ignore_index)
+    h, t = hidden.index_select(0, rows), targets.index_select(0, rows)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    nll, entropy = (hidden.new_zeros(hidden.shape[0], dtype=acc) for _ in range(2))
+    for start, z, p, lse in _softmax_chunks(h, weight, bias, chunk_size):
+        end = start + len(z)
+        nll.index_copy_(0, rows[start:end], lse - z.gather(1, t[start:end, None]).squeeze(1))
+        entropy.index_copy_(0, rows[start:end], lse - z.mul_(p).sum(dim=1))
+    return nll, entropy
+
+
+def _loss_and_grads(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    ignore_index: int,
+    chunk_size: int,
+    needs_grad: tuple[bool, bool, bool],
+    row_scale: Optional[Tensor] = None,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Chunked per-token cross-entropy and its gradients.
+
+    Returns ``(loss [N], grad_hidden [N, H], grad_weight [V, H], grad_bias [V])`` where the gradients
+    are those of ``sum_i row_scale[i] * loss[i]`` (``row_scale`` defaults to ones) w.r.t. the inputs
+    flagged in ``needs_grad`` (``None`` otherwise). ``loss`` is float32 (0 at ignored rows);
+    grad_hidden has ``hidden.dtype``, grad_weight and grad_bias are float32 accumulators
+    (float64 throughout for float64 inputs).
+    """
+    rows = _valid_rows(targets, ignore_index)
+    h, t = hidden.index_select(0, rows), targets.index_select(0, rows)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    scale = None if row_scale is None else row_scale.index_select(0, rows).to(acc)
+    loss = hidden.new_zeros(hidden.shape[0], dtype=acc)
+    grad_hidden = torch.zeros_like(hidden) if needs_grad[0] else None
+    grad_weight = weight.new_zeros(weight.shape, dtype=acc) if needs_grad[1] else None
+    grad_bias = weight.new_zeros(weight.shape[0], dtype=acc) if needs_grad[2] else None
+    for start, z, dz, lse in _softmax_chunks(h, weight, bias, chunk_size):
+        end = start + len(z)
+        t_c = t[start:end, None]
+        loss.index_copy_(0, rows[start:end], lse - z.gather(1, t_c).squeeze(1))
+        if not any(needs_grad):
+            continue
+        # dloss/dlogits = softmax - onehot(target), optionally scaled per row.
+        dz.scatter_add_(1, t_c, dz.new_full(t_c.shape, -1.0))
+        if scale is not None:
+            dz.mul_(scale[start:end, None])
+        dz_mm = dz.to(hidden.dtype)
+        if grad_hidden is not None:
+            grad_hidden.index_copy_(0, rows[start:end], dz_mm @ weight)
+        if grad_weight is not None:  # accumulated in float32; the product runs in the input dtype
+            if grad_weight.dtype == hidden.dtype:
+                grad_weight.addmm_(dz_mm.T, h[start:end])
+            else:
+                grad_weight += dz_mm.T @ h[start:end]
+        if grad_bias is not None:
+            grad_bias += dz.sum(dim=0)
+    return loss, grad_hidden, grad_weight, grad_bias
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of ``hidden @ weight.T + bias``; see :func:`linear_cross_entropy`.
+
+    For ``"sum"``/``"mean"`` the gradients of the summed loss are computed chunk by chunk during the
+    forward and only scaled by ``grad_output`` in the backward. For ``"none"`` the per-row
+    ``grad_output`` is only known in the backward, which therefore recomputes the chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, chunk_size, grad_enabled):
+        args = (hidden, weight, bias, targets, ignore_index, chunk_size)
+        ctx.options, ctx.reduction = (ignore_index, chunk_size), reduction
+        ctx.needs_grad = tuple(grad_enabled and flag for flag in ctx.needs_input_grad[:3])
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, targets)
+            return _loss_and_grads(*args, needs_grad=(False, False, False))[0]
+        loss, *grads = _loss_and_grads(*args, needs_grad=ctx.needs_grad)
+        ctx.save_for_backward(*grads)
+        ctx.divisor = max(1, int((targets != ignore_index).sum())) if reduction == "mean" else 1
+        return loss.sum() / ctx.divisor
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.reduction == "none":
+            _, *grads = _loss_and_grads(*ctx.saved_tensors, *ctx.options, ctx.needs_grad, grad_output)
+        else:
+            grads = [None if g is None else g * (grad_output / ctx.divisor) for g in ctx.saved_tensors]
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return (*grads, None, None, None, None, None)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Cross-entropy of the LM-head logits ``hidden @ weight.T + bias`` against ``targets``, in nats.
+
+    Equivalent to ``F.cross_entropy(hidden @ weight.T + bias, targets, ignore_index=ignore_index,
+    reduction=reduction)`` with float32 softmax, but neither the forward nor the backward holds the
+    ``[N, V]`` logits: memory is ``O(chunk_size * V)`` plus the gradients themselves. Differentiable
+    w.r.t. ``hidden``, ``weight`` and ``bias`` (only those that require grad are computed).
+
+    Args:
+        hidden: ``[N, H]`` hidden states (float32, bfloat16 or float16).
+        weight: ``[V, H]`` LM-head weight, same dtype as ``hidden``.
+        targets: ``[N]`` int64 target ids; ``ignore_index`` marks positions without a loss.
+        bias: optional ``[V]`` LM-head bias.
+        ignore_index: target value of ignored positions.
+        reduction: ``"sum"`` (scalar), ``"mean"`` (scalar, mean over non-ignored targets, 0 when there
+            are none) or ``"none"`` (``[N]``, 0 at ignored positions).
+        chunk_size: tokens per chunk; ``None`` uses :func:`default_chunk_size` at half its budget.
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar for ``"sum"``/``"mean"``, ``[N]`` for
+        ``"none"``. Gradients are returned in the dtypes of their inputs.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    chunk_size = _validate(hidden, weight, targets, bias, chunk_size, _GRAD_CHUNK_ELEMENTS)
+    return _LinearCrossEntropy.apply(
+        hidden, weight, bias, targets, ignore_index, reduction, chunk_size, torch.is_grad_enabled()
+    )

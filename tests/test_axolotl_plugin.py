@@ -1,0 +1,243 @@
+"""The Axolotl adapter without a training run: entry points, the `axolotl qtuning` command,
+config validation through Axolotl's own validator, and the tiny-model builder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("axolotl")
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ------------------------------------------------------------------ entry points
+def _entry_point(group: str, name: str):
+    found = [ep for ep in entry_points(group=group) if ep.name == name]
+    assert len(found) == 1, f"{group}: {[ep.name for ep in entry_points(group=group)]}"
+    return found[0]
+
+
+def test_plugin_entry_point_loads_the_plugin():
+    from axolotl.integrations.base import BasePlugin
+
+    from qtuning_plugin.axolotl.plugin import QTuningPlugin
+
+    ep = _entry_point("axolotl.plugins", "qtuning")
+    assert ep.value == "qtuning_plugin.axolotl.plugin:QTuningPlugin"
+    assert ep.load() is QTuningPlugin
+    assert issubclass(QTuningPlugin, BasePlugin)
+
+
+def test_dotted_plugin_name_used_in_configs_loads():
+    """`plugins: [qtuning_plugin.QTuningPlugin]` goes through Axolotl's own loader."""
+    from axolotl.integrations.base import load_plugin
+
+    from qtuning_plugin.axolotl.plugin import QTuningPlugin
+
+    assert isinstance(load_plugin("qtuning_plugin.QTuningPlugin"), QTuningPlugin)
+
+
+def test_cli_entry_point_loads_the_command_group():
+    import click
+
+    ep = _entry_point("axolotl.cli_commands", "qtuning")
+    group = ep.load()
+    assert isinstance(group, click.Group)
+    assert "build-tiny" in group.commands
+
+
+def test_axolotl_qtuning_help_lists_build_tiny():
+    proc = subprocess.run(
+        [sys.executable, "-m", "axolotl.cli.main", "qtuning", "--help"],
+        env={**os.environ, **OFFLINE_ENV},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "build-tiny" in proc.stdout, proc.stdout
+
+
+# -------------------------------------------------------------- config validation
+@pytest.fixture
+def plugin_manager():
+    """Axolotl's PluginManager singleton with our plugin registered; restored afterwards."""
+    from axolotl.integrations.base import PluginManager
+
+    manager = PluginManager.get_instance()
+    saved_plugins, saved_cfg = manager.plugins.copy(), manager._cfg
+    manager.register("qtuning_plugin.QTuningPlugin")
+    yield manager
+    manager.plugins.clear()
+    manager.plugins.update(saved_plugins)
+    manager._cfg = saved_cfg
+
+
+def _tiny_cfg(**qtuning):
+    from axolotl.utils.dict import DictDefault
+
+    cfg = yaml.safe_load((EXAMPLES / "tiny-cpu-qtuning.yml").read_text(encoding="utf-8"))
+    cfg["qtuning"] = qtuning
+    return DictDefault(cfg)
+
+
+def test_axolotl_validation_accepts_the_tiny_example(plugin_manager):
+    from axolotl.utils.config import validate_config
+
+    cfg = validate_config(_tiny_cfg(sample_keep_ratio=0.5, token_keep_ratio=0.5))
+    assert cfg.qtuning["sample_keep_ratio"] == 0.5
+    assert cfg.qtuning["token_keep_ratio"] == 0.5
+    assert cfg.qtuning["context_weight"] == 0.5  # defaults filled in
+
+
+@pytest.mark.parametrize(
+    "section, key, message",
+    [
+        ({"sample_keep_ratio": 1.5}, "sample_keep_ratio", "less than or equal to 1"),
+        ({"sample_keep_ratio": 0.0}, "sample_keep_ratio", "greater than 0"),
+        ({"token_keep_ratio": -0.1}, "token_keep_ratio", "greater than 0"),
+        ({"context_weight": 2.0}, "context_weight", "less than or equal to 1"),
+        ({"scoring": "three_pass"}, "scoring", "two_pass"),
+        ({"samples_keep_ratio": 0.5}, "samples_keep_ratio", "Extra inputs are not permitted"),
+    ],
+)
+def test_axolotl_validation_rejects_bad_values_naming_the_key(plugin_manager, section, key, message):
+    from axolotl.utils.config import validate_config
+
+    with pytest.raises(Exception) as info:
+        validate_config(_tiny_cfg(**section))
+    text = str(info.value)
+    assert f"qtuning.{key}" in text and message in text, text
+
+
+def test_axolotl_validation_rejects_two_pass_with_packing(plugin_manager):
+    from axolotl.utils.config import validate_config
+
+    cfg = _tiny_cfg(scoring="two_pass")
+    cfg["sample_packing"] = True
+    with pytest.raises(Exception, match="qtuning.scoring"):
+        validate_config(cfg)
+
+
+def test_llama3_example_passes_axolotl_validation_offline(plugin_manager):
+    """Schema validation with the capabilities of a bf16 GPU; needs no hub access (loading the
+    model config, which `axolotl train` does next in normalize_config, would)."""
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+
+    cfg = DictDefault(yaml.safe_load((EXAMPLES / "llama3-qtuning.yml").read_text(encoding="utf-8")))
+    capabilities = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_89"}
+    cfg = validate_config(cfg, capabilities=capabilities, env_capabilities={"torch_version": "2.13.0"})
+    assert cfg.adapter == "qlora" and cfg.load_in_4bit
+    assert cfg.qtuning["sample_keep_ratio"] == 0.25 and cfg.qtuning["token_keep_ratio"] == 0.5
+    assert cfg.learning_rate == 1e-4 and cfg.lora_r == 8 and cfg.num_epochs == 3
+    assert not cfg.sample_packing
+
+
+def test_plugin_passes_the_section_to_the_trainer():
+    from axolotl.utils.dict import DictDefault
+
+    from qtuning_plugin.axolotl.plugin import QTuningPlugin
+    from qtuning_plugin.axolotl.trainer import AxolotlQTuningTrainer
+
+    plugin = QTuningPlugin()
+    on = DictDefault({"qtuning": {"sample_keep_ratio": 0.5}})
+    assert plugin.get_trainer_cls(on) is AxolotlQTuningTrainer
+    assert plugin.get_training_args(on)["qtuning"]["sample_keep_ratio"] == 0.5
+    off = DictDefault({"qtuning": {"enabled": False}})
+    assert plugin.get_trainer_cls(off) is None and plugin.get_training_args(off) == {}
+    assert plugin.get_trainer_cls(DictDefault({})) is None
+
+
+# ------------------------------------------------------------------ tiny model
+def test_shipped_dataset_is_chat_rows():
+    from qtuning_plugin.tiny import dataset_path
+
+    path = dataset_path()
+    assert path.stat().st_size < 200_000
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert 300 <= len(rows) <= 400
+    for row in rows:
+        roles = [message["role"] for message in row["messages"]]
+        if roles[0] == "system":
+            roles = roles[1:]
+        assert roles and roles == ["user", "assistant"] * (len(roles) // 2), roles
+        assert all(message["content"] for message in row["messages"])
+
+
+@pytest.fixture(scope="module")
+def tiny_builds(tmp_path_factory):
+    from qtuning_plugin.tiny import build_tiny_model
+
+    base = tmp_path_factory.mktemp("tiny")
+    return {
+        "a": build_tiny_model(base / "a", seed=0),
+        "b": build_tiny_model(base / "b", seed=0),
+        "c": build_tiny_model(base / "c", seed=1),
+    }
+
+
+def test_build_tiny_model_is_deterministic(tiny_builds):
+    a, b, c = tiny_builds["a"], tiny_builds["b"], tiny_builds["c"]
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "tokenizer_config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+    assert (a / "tokenizer.json").read_bytes() == (c / "tokenizer.json").read_bytes()  # the seed is the weights'
+
+
+def test_build_tiny_model_skips_a_complete_build(tiny_builds, tmp_path):
+    from qtuning_plugin import tiny
+
+    path = tiny_builds["a"]
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert tiny.is_built(path, seed=0) and not tiny.is_built(path, seed=1)
+    assert tiny.build_tiny_model(path, seed=0) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not tiny.is_built(tmp_path)
+
+
+def test_tiny_model_and_tokenizer_load(tiny_builds):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_builds["a"]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    config = model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (2, 64, 128)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.max_position_embeddings) == (4, 2, 512)
+    assert not config.tie_word_embeddings and config.vocab_size == len(tokenizer) == 512
+    assert next(model.parameters()).dtype == torch.float32
+    assert None not in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+    assert tokenizer("hello").input_ids[0] == tokenizer.bos_token_id
+    messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text == "<s><|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert ids.count(tokenizer.eos_token_id) == 2
+
+
+def test_build_tiny_command_and_main_write_the_same_model(tiny_builds, tmp_path):
+    """`axolotl qtuning build-tiny DIR` (click, in-process) and `qtuning-build-tiny DIR` (argparse)."""
+    from click.testing import CliRunner
+
+    from qtuning_plugin.axolotl.cli import qtuning
+    from qtuning_plugin.tiny import main
+
+    result = CliRunner().invoke(qtuning, ["build-tiny", str(tmp_path / "cli"), "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    main([str(tmp_path / "script"), "--seed", "0"])
+    reference = (tiny_builds["a"] / "model.safetensors").read_bytes()
+    assert (tmp_path / "cli" / "model.safetensors").read_bytes() == reference
+    assert (tmp_path / "script" / "model.safetensors").read_bytes() == reference
