@@ -11,7 +11,7 @@ with a forward hook on the decoder body.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -59,22 +59,72 @@ def final_hidden_states(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
     model supports it, so the ``[B, T, V]`` logits are never built. Gradient
     mode is the caller's: wrap in `torch.no_grad()` for a scoring pass.
     """
+    return _run(model, inputs, None)
+
+
+def head_forward(model: nn.Module, inputs: dict[str, Any], fn: Callable[[Tensor, Tensor, Optional[Tensor]], Any]) -> Any:
+    """Run ``model`` on ``inputs`` with ``fn(hidden, weight, bias)`` in place of its LM head; return fn's result.
+
+    ``hidden`` is the decoder's final hidden states ``[B, T, H]`` (every
+    position), ``weight``/``bias`` the LM head's parameters (`lm_head_parameters`)
+    as they are while the head runs. Computing the statistics and the loss
+    there, rather than after the forward, is what makes sharded training
+    work (the approach of Liger's ``lce_maybe_trainable_lm_head``): FSDP1,
+    FSDP2 and DeepSpeed ZeRO-3 hold the head's full weight only inside the
+    forward (FSDP2 frees the root's parameters after it when
+    ``reshard_after_forward`` is set, ZeRO-3 those of every module), and
+    ``fn``'s result becomes the model's output, so that their backward hooks
+    (re-gathering the weights, reducing the gradients) see the loss.
+
+    If the model's forward never calls its LM head module (a custom forward),
+    ``fn`` runs after the forward on the parameters as they are then, which
+    is right without sharding and under DDP.
+    """
+    return _run(model, inputs, fn)
+
+
+def _run(model: nn.Module, inputs: dict[str, Any], fn: Optional[Callable]) -> Any:
     causal_lm = unwrap_causal_lm(model)
     captured: list[Tensor] = []
+    results: list[Any] = []
 
     def capture(_module: nn.Module, _args: Any, output: Any) -> None:
         captured.append(output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state)
 
+    def head(*_args: Any, **_kwargs: Any) -> Any:
+        if len(captured) != 1:
+            raise RuntimeError(f"qtuning: expected one decoder forward before the LM head, saw {len(captured)}")
+        result = fn(captured[0], *lm_head_parameters(causal_lm))
+        results.append(result)
+        # The model may post-process its logits (e.g. soft-capping): the caller gets the
+        # result itself, and a non-tensor one is replaced by a placeholder in the output.
+        return result if torch.is_tensor(result) else captured[0].new_zeros(())
+
     model_inputs = {key: inputs[key] for key in MODEL_INPUT_KEYS if inputs.get(key) is not None}
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(causal_lm) else {}
+    # Under FSDP1 a separately wrapped head is a wrapper: patch the module it wraps.
+    head_module = causal_lm.get_output_embeddings()
+    head_module = getattr(head_module, "_fsdp_wrapped_module", head_module)
+    previous = head_module.__dict__.get("forward")  # an instance-level forward, if some patch set one
     handle = causal_lm.get_decoder().register_forward_hook(capture)
+    if fn is not None:
+        head_module.forward = head
     try:
         model(**model_inputs, use_cache=False, **extra)
     finally:
         handle.remove()
+        if fn is not None:
+            if previous is None:
+                del head_module.forward  # back to the class's forward
+            else:
+                head_module.forward = previous
     if len(captured) != 1:
         raise RuntimeError(f"qtuning: expected one decoder forward, saw {len(captured)}")
-    return captured[0]
+    if fn is None:
+        return captured[0]
+    if not results:  # the forward did not call the head module
+        results.append(fn(captured[0], *lm_head_parameters(causal_lm)))
+    return results[0]
 
 
 def shifted_targets(labels: Tensor, position_ids: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:

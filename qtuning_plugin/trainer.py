@@ -25,7 +25,7 @@ in data-parallel training).
 
 from __future__ import annotations
 
-from collections import defaultdict
+import os
 from typing import Any, Optional, Union
 
 import torch
@@ -35,7 +35,8 @@ from qtuning_plugin._logging import LOG
 from qtuning_plugin.config import QTuningConfig
 from qtuning_plugin.core import Segments, select
 from qtuning_plugin.distributed import default_sample_gather
-from qtuning_plugin.modeling import final_hidden_states, lm_head_parameters, shifted_targets, unwrap_causal_lm
+from qtuning_plugin.history import QTuningHistory
+from qtuning_plugin.modeling import head_forward, shifted_targets
 from qtuning_plugin.ops.backends import Backend, resolve_backend
 
 
@@ -54,7 +55,9 @@ def kept_token_loss(
         A scalar; 0 with zero gradients when no token is kept.
     """
     kept = int(token_mask.sum())
-    loss_sum = backend.linear_cross_entropy(hidden[token_mask], weight, targets[token_mask], bias=bias, reduction="sum")
+    # k-bit training keeps the head in float32 while the body may run in bf16.
+    rows = hidden[token_mask].to(weight.dtype)
+    loss_sum = backend.linear_cross_entropy(rows, weight, targets[token_mask], bias=bias, reduction="sum")
     return loss_sum / max(kept, 1)
 
 
@@ -79,16 +82,21 @@ class QTuningTrainerMixin:
 
     def __init__(self, *args: Any, qtuning_config: Union[QTuningConfig, dict, None] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if qtuning_config is None:
+        from_args = qtuning_config is None
+        if from_args:
             qtuning_config = getattr(self.args, "qtuning", None) or {}
         self.qtuning_config = QTuningConfig.model_validate(
             qtuning_config.model_dump() if isinstance(qtuning_config, QTuningConfig) else qtuning_config
         )
         self._qtuning_backend: Optional[Backend] = None
-        self._qtuning_pending: dict[str, list[float]] = defaultdict(list)
-        self._qtuning_tokens = {"trainable": 0.0, "kept": 0.0}
+        # Metrics, plot data and checkpointed state, in one place (qtuning_plugin.history).
+        self.qtuning_history = QTuningHistory()
         if self.qtuning_config.enabled:
-            LOG.info("Q-Tuning is active: %s", self.qtuning_config.describe())
+            if not from_args:  # Axolotl's plugin has logged it already, before the model loaded
+                LOG.info("Q-Tuning is active: %s", self.qtuning_config.describe())
+            from qtuning_plugin.callbacks import QTuningPlotCallback
+
+            self.add_callback(QTuningPlotCallback(self.qtuning_history, self.qtuning_config.plot_every_n_steps))
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
@@ -110,7 +118,6 @@ class QTuningTrainerMixin:
         packed = self._is_packed(inputs)
         targets = shifted_targets(labels, inputs.get("position_ids") if packed else None)
         mask = targets != -100
-        weight, bias = lm_head_parameters(unwrap_causal_lm(model))
         if self._qtuning_backend is None:
             self._qtuning_backend = resolve_backend(config.backend, labels.device)
             LOG.info("Q-Tuning fused cross-entropy backend: %s", self._qtuning_backend.name)
@@ -118,21 +125,25 @@ class QTuningTrainerMixin:
         if not bool(mask.any()):
             LOG.warning("qtuning: a micro-batch without any trainable token; its loss is 0")
 
+        # Statistics and loss run in place of the LM head, inside the model's forward
+        # (`head_forward`), where FSDP/ZeRO-3 hold the head's full weight.
         if self.state.global_step < config.warmup_steps:
-            hidden = final_hidden_states(model, inputs)
             self._record({"qtuning/warmup": 1.0}, mask, mask)
-            return kept_token_loss(backend, hidden, weight, bias, targets, mask)
+            return head_forward(model, inputs, lambda h, w, b: kept_token_loss(backend, h, w, b, targets, mask))
 
         if self._scoring(packed) == "single_pass":
-            hidden = final_hidden_states(model, inputs)
             segments = Segments.from_position_ids(inputs["position_ids"]) if packed else None
-            _, token_mask = self._select(backend, hidden.detach(), weight, bias, targets, mask, segments)
-            return kept_token_loss(backend, hidden, weight, bias, targets, token_mask)
+
+            def select_and_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+                _, token_mask = self._select(backend, hidden.detach(), weight, bias, targets, mask, segments)
+                return kept_token_loss(backend, hidden, weight, bias, targets, token_mask)
+
+            return head_forward(model, inputs, select_and_loss)
 
         with torch.no_grad():
-            hidden = final_hidden_states(model, inputs)
-            sample_mask, token_mask = self._select(backend, hidden, weight, bias, targets, mask, None)
-            del hidden
+            sample_mask, token_mask = head_forward(
+                model, inputs, lambda h, w, b: self._select(backend, h, w, b, targets, mask, None)
+            )
         rows = sample_mask.nonzero().squeeze(1)
         if rows.numel() == 0:  # nothing trainable: a zero loss that still reaches every parameter
             rows = rows.new_zeros(1)
@@ -145,8 +156,7 @@ class QTuningTrainerMixin:
         if length is not None and length < labels.shape[1]:
             sub_inputs = {key: value[:, :length] if value.dim() >= 2 else value for key, value in sub_inputs.items()}
             sub_targets, sub_mask = sub_targets[:, :length], sub_mask[:, :length]
-        hidden = final_hidden_states(model, sub_inputs)
-        return kept_token_loss(backend, hidden, weight, bias, sub_targets, sub_mask)
+        return head_forward(model, sub_inputs, lambda h, w, b: kept_token_loss(backend, h, w, b, sub_targets, sub_mask))
 
     def _is_packed(self, inputs: dict[str, Any]) -> bool:
         return bool(getattr(self.args, "sample_packing", False)) and inputs.get("position_ids") is not None
@@ -176,7 +186,7 @@ class QTuningTrainerMixin:
         """
         batch, length, width = hidden.shape
         nll, entropy = backend.token_stats(
-            hidden.reshape(-1, width), weight, targets.reshape(-1), bias=bias, chunk_size=self.qtuning_config.chunk_size
+            hidden.reshape(-1, width).to(weight.dtype), weight, targets.reshape(-1), bias=bias, chunk_size=self.qtuning_config.chunk_size
         )
         nll, entropy = nll.view(batch, length), entropy.view(batch, length)
         gather = default_sample_gather()
@@ -194,25 +204,42 @@ class QTuningTrainerMixin:
             token_mask = segments.repack(selection.token_mask)
         self.qtuning_last_selection = selection
         self._record(selection.stats, mask, token_mask)
+        self.qtuning_history.record_samples(selection, step=self.state.global_step + 1)
         return token_mask.any(dim=1), token_mask
 
     # --------------------------------------------------------------- logging
     def _record(self, stats: dict[str, float], mask: Tensor, token_mask: Tensor) -> None:
-        for key, value in stats.items():
-            self._qtuning_pending[key].append(value)
-        self._qtuning_tokens["trainable"] += float(mask.sum())
-        self._qtuning_tokens["kept"] += float(token_mask.sum())
+        self.qtuning_history.record(stats, float(mask.sum()), float(token_mask.sum()))
 
     def qtuning_metrics(self) -> dict[str, float]:
         """The mean of each statistic over the micro-batches since the last call, plus running totals."""
-        metrics = {key: sum(values) / len(values) for key, values in self._qtuning_pending.items() if values}
-        self._qtuning_pending.clear()
-        if self._qtuning_tokens["trainable"]:
-            saved = 1.0 - self._qtuning_tokens["kept"] / self._qtuning_tokens["trainable"]
-            metrics["qtuning/tokens_saved_frac_cumulative"] = saved
-        return metrics
+        return self.qtuning_history.flush(self.state.global_step)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.qtuning_config.enabled and "loss" in logs:
             logs = {**logs, **self.qtuning_metrics()}
         super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------ checkpoint/resume
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
+        """`Trainer.train`, with the Q-Tuning history reset, or read back from the checkpoint resumed."""
+        self.qtuning_history.reset()
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, os.PathLike)) and self.qtuning_config.enabled:
+            if not self.qtuning_history.load(str(checkpoint)):
+                LOG.warning("qtuning: %s has no qtuning_state.json; metrics and plots start afresh", checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """`Trainer._save_checkpoint`, plus ``qtuning_state.json`` (`QTuningHistory`) in the checkpoint."""
+        if self.qtuning_config.enabled and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            self.qtuning_history.save(folder)
+        super()._save_checkpoint(model, trial)

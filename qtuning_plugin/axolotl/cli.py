@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import click
 
 
@@ -24,6 +26,45 @@ def build_tiny(output_dir: str, seed: int) -> None:
 
     path = build_tiny_model(output_dir, seed=seed)
     click.echo(f"tiny model and tokenizer saved to {path}")
+
+
+@qtuning.command(name="analyze")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Score only the first N training samples.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output folder (default: OUTPUT_DIR/qtuning-analysis of the config).",
+)
+def analyze(config: str, max_samples: Optional[int], out: Optional[str]) -> None:
+    """Score a config's training set on the EU plane and show how Q-Tuning would triage it.
+
+    Loads model, tokenizer and dataset as `axolotl train CONFIG` would, scores
+    every training sample without gradient, prints the quadrant table at the
+    config's `qtuning:` ratios (the whole set as one batch, and per training
+    mini-batch), and writes samples.csv, summary.json and eu_plane.png.
+    """
+    from qtuning_plugin.analyze import AnalysisError, run
+
+    try:
+        result = run(config, max_samples=max_samples, out_dir=out)
+    except AnalysisError as error:
+        raise click.ClickException(str(error)) from None
+    summary = result["summary"]
+    click.echo(
+        f"\nQ-Tuning analysis of {summary['samples']} samples "
+        f"(sample_keep_ratio={summary['sample_keep_ratio']:g}, token_keep_ratio={summary['token_keep_ratio']:g})"
+    )
+    click.echo(result["table"])
+    thresholds = summary["whole_set"]["thresholds"]
+    click.echo(
+        "whole-set thresholds: "
+        + ", ".join(f"{name}={value:.4g}" for name, value in thresholds.items())
+        + f" (alpha={summary['whole_set']['alpha']:.4g})"
+    )
+    for name, path in result["paths"].items():
+        click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ class QTuningPlugin(BasePlugin):
         if section is None:
             LOG.info("Q-Tuning plugin loaded but not enabled (no `qtuning:` section, or `enabled: false`)")
         else:
-            LOG.warning("Q-Tuning is active: %s", QTuningConfig.model_validate(section).describe())
+            LOG.info("Q-Tuning is active: %s", QTuningConfig.model_validate(section).describe())
 
     def get_training_args(self, cfg) -> dict:
         section = qtuning_section(cfg)

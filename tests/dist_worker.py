@@ -1,0 +1,222 @@
+"""One rank of the data-parallel tests (`tests/test_distributed.py`), launched by torchrun.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py OUT_DIR [fsdp]
+
+Runs every scenario on a gloo process group, CPU only, and saves what each
+rank saw to ``OUT_DIR/rank{R}.pt``; the test compares it with a single
+process's results on the concatenated batch. Scenarios:
+
+* ``select``: `select` with `gather_samples` on unequal per-rank batches.
+* ``ddp/<case>``: one Q-Tuning two-pass training step of the tiny LoRA Llama
+  wrapped in `DistributedDataParallel`, each rank on its half of the batch:
+  selections, loss and LoRA gradients after backward.
+* ``fsdp/<name>`` (with the ``fsdp`` argument): the same step under FSDP2
+  (`fully_shard`) and FSDP1 (`FullyShardedDataParallel`), LoRA and full
+  fine-tuning: full gradients after backward.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from conftest import random_batch, tiny_llama  # noqa: E402
+
+# Shared with the test: the data of every scenario.
+SELECT_CASES = [  # (global batch size, rows on rank 0, sample_keep_ratio, seed)
+    (12, 7, 0.25, 0),
+    (12, 5, 0.5, 1),
+    (9, 4, 0.125, 2),
+]
+DDP_BATCH, DDP_RANK_ROWS = 8, 4
+DDP_CASES = {
+    # name: (seed of the batch, qtuning settings, rank 1 has no trainable token)
+    "basic": (21, {"sample_keep_ratio": 0.5, "token_keep_ratio": 0.5}, False),
+    # rank 1's rows are all triaged out (checked by the test): it trains on zero samples
+    "rank1_triaged_out": (3, {"sample_keep_ratio": 0.25, "token_keep_ratio": 0.5}, False),
+    "rank1_without_targets": (22, {"sample_keep_ratio": 0.5, "token_keep_ratio": 0.7}, True),
+}
+
+
+def select_batch(batch: int, seed: int):
+    """Random per-token statistics of a mini-batch, with ragged trainable spans."""
+    generator = torch.Generator().manual_seed(seed)
+    length = 10
+    nll = torch.rand(batch, length, generator=generator, dtype=torch.float64) * 4
+    entropy = torch.rand(batch, length, generator=generator, dtype=torch.float64) * 3
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    for b in range(batch):
+        mask[b, 1 + b % 3 : length - b % 2] = True
+    mask[batch - 1] = False  # one sample without trainable positions
+    return nll, entropy, mask
+
+
+def ddp_batch(seed: int, rank1_without_targets: bool) -> dict:
+    batch = random_batch(batch=DDP_BATCH, length=16, seed=seed)
+    if rank1_without_targets:
+        batch["labels"][DDP_RANK_ROWS:] = -100
+    return batch
+
+
+def _rows(batch: dict, rank: int) -> dict:
+    return {key: value[rank * DDP_RANK_ROWS : (rank + 1) * DDP_RANK_ROWS] for key, value in batch.items()}
+
+
+def run_select(rank: int) -> dict:
+    from qtuning_plugin import QTuningConfig, select
+    from qtuning_plugin.distributed import default_sample_gather
+
+    gather = default_sample_gather()
+    assert gather is not None, "default_sample_gather() must gather in a 2-rank group"
+    out = {}
+    for batch, first, ratio, seed in SELECT_CASES:
+        nll, entropy, mask = select_batch(batch, seed)
+        rows = slice(0, first) if rank == 0 else slice(first, batch)
+        config = QTuningConfig(sample_keep_ratio=ratio, token_keep_ratio=0.5)
+        selection = select(nll[rows], entropy[rows], mask[rows], config, sample_gather=gather)
+        out[(batch, first, ratio, seed)] = {
+            "sample_mask": selection.sample_mask,
+            "token_mask": selection.token_mask,
+            "q2": selection.q2,
+            "global_keep": selection.triage.keep,
+            "stats": selection.stats,
+        }
+    return out
+
+
+def _trainer(model, config: dict):
+    from transformers import Trainer, TrainingArguments
+
+    from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
+
+    class QTuningTrainer(QTuningTrainerMixin, Trainer):
+        pass
+
+    args = TrainingArguments(
+        output_dir=os.environ["QTUNING_TEST_OUT"],
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        per_device_train_batch_size=DDP_RANK_ROWS,
+    )
+    return QTuningTrainer(model=model, args=args, qtuning_config=QTuningConfig(**config))
+
+
+def _step(trainer, wrapped, inner, inputs: dict) -> dict:
+    """One Q-Tuning training step's loss, selection and (full) LoRA gradients."""
+    wrapped.train()
+    wrapped.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(wrapped, inputs)
+    loss.backward()
+    selection = trainer.qtuning_last_selection
+    grads = {}
+    for name, param in inner.named_parameters():
+        if param.requires_grad:
+            grad = param.grad
+            if grad is not None and hasattr(grad, "full_tensor"):
+                grad = grad.full_tensor()
+            grads[name] = None if grad is None else grad.detach().clone()
+    return {
+        "loss": loss.detach(),
+        "sample_mask": selection.sample_mask,
+        "token_mask": selection.token_mask,
+        "global_keep": selection.triage.keep,
+        "grads": grads,
+    }
+
+
+def run_ddp(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    out = {}
+    for name, (seed, config, no_targets) in DDP_CASES.items():
+        model = tiny_llama(seed=0)
+        ddp = DistributedDataParallel(model)
+        trainer = _trainer(ddp, config)
+        out[name] = _step(trainer, ddp, model, _rows(ddp_batch(seed, no_targets), rank))
+    return out
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def run_fsdp2(rank: int, lora: bool) -> dict:
+    """FSDP2 as accelerate applies it: each decoder layer, then the root, with
+    ``reshard_after_forward=True`` (the root's parameters, LM head included, are
+    freed after its forward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    seed, config, no_targets = DDP_CASES["basic"]
+    model = tiny_llama(seed=0, lora=lora)
+    for layer in _causal_lm(model).model.layers:
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True)
+    trainer = _trainer(model, config)
+    return _step(trainer, model, model, _rows(ddp_batch(seed, no_targets), rank))
+
+
+def run_fsdp1(rank: int, lora: bool) -> dict:
+    """FSDP1 (`FullyShardedDataParallel`, FULL_SHARD, CPU) with one unit per decoder layer and the
+    LM head in its own unit: `head_forward` runs the loss inside that unit's forward."""
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    seed, config, no_targets = DDP_CASES["basic"]
+    model = tiny_llama(seed=0, lora=lora)
+    head = _causal_lm(model).lm_head
+    policy = functools.partial(
+        lambda_auto_wrap_policy, lambda_fn=lambda module: isinstance(module, LlamaDecoderLayer) or module is head
+    )
+    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+    assert isinstance(_causal_lm(model).lm_head, FullyShardedDataParallel)
+    trainer = _trainer(wrapped, config)
+    result = _step(trainer, wrapped, wrapped, _rows(ddp_batch(seed, no_targets), rank))
+    with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+        result["grads"] = {
+            name.replace("_fsdp_wrapped_module.", ""): param.grad.detach().clone()
+            for name, param in wrapped.named_parameters()
+            if param.requires_grad and param.grad is not None
+        }
+    return result
+
+
+FSDP_RUNS = {  # name: (runner, LoRA)
+    "fsdp2_lora": (run_fsdp2, True),
+    "fsdp2_full": (run_fsdp2, False),
+    "fsdp1_lora": (run_fsdp1, True),
+    "fsdp1_full": (run_fsdp1, False),
+}
+
+
+def main() -> None:
+    out_dir = sys.argv[1]
+    os.environ["QTUNING_TEST_OUT"] = out_dir
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+    results = {"select": run_select(rank), "ddp": run_ddp(rank), "fsdp": {}}
+    if "fsdp" in sys.argv[2:]:
+        for name, (run, lora) in FSDP_RUNS.items():
+            try:
+                results["fsdp"][name] = run(rank, lora)
+            except Exception as error:  # reported by the test, not a crash of the whole launch
+                import traceback
+
+                results["fsdp"][name] = {"error": f"{type(error).__name__}: {str(error)[:500]}\n"
+                                                  f"{traceback.format_exc()[-3000:]}"}
+    dist.barrier()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Checkpoint and resume: a run resumed from checkpoint-3 selects, logs and plots as the uninterrupted run.
+
+The tiny LoRA Llama (dropout 0) under a plain `transformers.Trainer` with the
+mixin: its sampler is seeded and resuming skips the consumed batches, so
+steps 4-6 see the same data; the Q-Tuning warm start counts optimizer steps
+(`state.global_step`), and the metrics history comes back from
+``qtuning_state.json``.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
+from qtuning_plugin.history import STATE_NAME
+from qtuning_plugin.plots import EU_PLANE_PNG, QUADRANTS_PNG
+
+from conftest import random_batch, tiny_llama
+
+STEPS, SAVE_AT = 6, 3
+CONFIG = {"sample_keep_ratio": 0.5, "token_keep_ratio": 0.5, "warmup_steps": 4}
+
+
+class Rows(Dataset):
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __len__(self):
+        return self.batch["input_ids"].shape[0]
+
+    def __getitem__(self, index):
+        return {key: value[index] for key, value in self.batch.items()}
+
+
+class RecordingTrainer(QTuningTrainerMixin, Trainer):
+    """Remembers every training micro-batch's sample mask, by optimizer step (1-based)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.masks = {}
+        self.warm_steps = []
+
+    def qtuning_loss(self, model, inputs):
+        if self.state.global_step < self.qtuning_config.warmup_steps:
+            self.warm_steps.append(self.state.global_step + 1)
+        return super().qtuning_loss(model, inputs)
+
+    def _select(self, *args, **kwargs):
+        sample_mask, token_mask = super()._select(*args, **kwargs)
+        self.masks[self.state.global_step + 1] = (sample_mask.clone(), token_mask.clone())
+        return sample_mask, token_mask
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def make_trainer(output_dir, stop_at=None):
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=SAVE_AT,
+        report_to=[],
+        use_cpu=True,
+        seed=7,
+        data_seed=7,
+        dataloader_drop_last=True,
+    )
+    trainer = RecordingTrainer(
+        model=tiny_llama(seed=0),
+        args=args,
+        train_dataset=Rows(random_batch(batch=64, length=16, seed=11)),
+        qtuning_config=QTuningConfig(**CONFIG),
+    )
+    if stop_at is not None:
+        trainer.add_callback(StopAt(stop_at))
+    return trainer
+
+
+def _logged(trainer):
+    return {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    full = make_trainer(root / "full")
+    full.train()
+    first = make_trainer(root / "split", stop_at=SAVE_AT)
+    first.train()
+    resumed = make_trainer(root / "split")
+    resumed.train(resume_from_checkpoint=str(root / "split" / f"checkpoint-{SAVE_AT}"))
+    return full, first, resumed
+
+
+def test_the_checkpoint_holds_the_qtuning_state_and_the_rng(runs):
+    full, _, _ = runs
+    checkpoint = os.path.join(full.args.output_dir, f"checkpoint-{SAVE_AT}")
+    with open(os.path.join(checkpoint, STATE_NAME), encoding="utf-8") as handle:
+        state = json.load(handle)
+    assert [entry["step"] for entry in state["steps"]] == [1, 2, 3]
+    assert state["tokens"]["trainable"] > 0
+    assert os.path.isfile(os.path.join(checkpoint, "rng_state.pth"))  # Trainer saves and restores the RNG
+
+
+def test_resumed_steps_select_as_the_uninterrupted_run(runs):
+    full, first, resumed = runs
+    assert sorted(first.masks) == [] and sorted(resumed.masks) == [5, 6]  # warm start: steps 1-4 select nothing
+    assert full.warm_steps == [1, 2, 3, 4]
+    assert first.warm_steps == [1, 2, 3] and resumed.warm_steps == [4]
+    for step in (5, 6):
+        assert torch.equal(resumed.masks[step][0], full.masks[step][0])
+        assert torch.equal(resumed.masks[step][1], full.masks[step][1])
+    assert not all(bool(full.masks[step][0].all()) for step in (5, 6))  # samples really are dropped
+
+
+def test_resumed_metrics_continue_the_uninterrupted_ones(runs):
+    full, _, resumed = runs
+    expected, got = _logged(full), _logged(resumed)
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        for key, value in expected[step].items():
+            if key.startswith("qtuning/"):
+                assert got[step][key] == pytest.approx(value, rel=1e-6), (step, key)
+    saved = [expected[step]["qtuning/tokens_saved_frac_cumulative"] for step in range(1, STEPS + 1)]
+    assert saved[:4] == [0.0] * 4 and 0.0 < saved[4] < saved[5]
+    # The in-memory history (plots) is the same list of logged steps.
+    assert [entry["step"] for entry in resumed.qtuning_history.steps] == list(range(1, STEPS + 1))
+    for got_entry, expected_entry in zip(resumed.qtuning_history.steps, full.qtuning_history.steps):
+        assert got_entry == pytest.approx(expected_entry, rel=1e-6)
+
+
+REQUIRED_METRICS = [
+    *(f"qtuning/samples_{q}" for q in ("q1", "q2", "q3", "q4", "middle")),
+    "qtuning/kept_sample_frac", "qtuning/kept_token_frac", "qtuning/alpha",
+    "qtuning/ppl_hi", "qtuning/ppl_lo", "qtuning/ent_lo", "qtuning/ent_hi",
+    "qtuning/ppl_kept_mean", "qtuning/ppl_dropped_mean", "qtuning/ent_kept_mean", "qtuning/ent_dropped_mean",
+    "qtuning/tokens_saved_frac_cumulative",
+]
+
+
+def test_every_logging_step_carries_the_qtuning_metrics(runs):
+    full, _, _ = runs
+    logged = _logged(full)
+    for step in (5, 6):  # pruned steps
+        missing = [key for key in REQUIRED_METRICS if key not in logged[step]]
+        assert not missing, (step, missing)
+    assert logged[1]["qtuning/warmup"] == 1.0 and "qtuning/tokens_saved_frac_cumulative" in logged[1]
+
+
+def test_plots_are_written_at_the_end_of_training(runs):
+    full, _, resumed = runs
+    for trainer in (full, resumed):
+        for name in (EU_PLANE_PNG, QUADRANTS_PNG):
+            path = os.path.join(trainer.args.output_dir, name)
+            assert os.path.getsize(path) > 10_000, path
