@@ -7,6 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from torch.utils.data import Dataset
 
 VOCAB = 101
 
@@ -50,6 +51,19 @@ def random_batch(batch: int = 8, length: int = 16, seed: int = 0, pad_right: boo
         input_ids[b, used:] = 0
         attention_mask[b, used:] = 0
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class Rows(Dataset):
+    """The rows of a `random_batch` as a dataset, one dict of tensors per row."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __len__(self):
+        return self.batch["input_ids"].shape[0]
+
+    def __getitem__(self, index):
+        return {key: value[index] for key, value in self.batch.items()}
 
 
 @pytest.fixture

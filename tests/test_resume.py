@@ -12,28 +12,16 @@ import os
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
 from qtuning_plugin.history import STATE_NAME
 from qtuning_plugin.plots import EU_PLANE_PNG, QUADRANTS_PNG
 
-from conftest import random_batch, tiny_llama
+from conftest import Rows, random_batch, tiny_llama
 
 STEPS, SAVE_AT = 6, 3
 CONFIG = {"sample_keep_ratio": 0.5, "token_keep_ratio": 0.5, "warmup_steps": 4}
-
-
-class Rows(Dataset):
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __len__(self):
-        return self.batch["input_ids"].shape[0]
-
-    def __getitem__(self, index):
-        return {key: value[index] for key, value in self.batch.items()}
 
 
 class RecordingTrainer(QTuningTrainerMixin, Trainer):

@@ -5,7 +5,6 @@ import logging
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
@@ -13,22 +12,11 @@ from qtuning_plugin.modeling import final_hidden_states, lm_head_parameters, shi
 from qtuning_plugin.ops.backends import TORCH
 from qtuning_plugin.trainer import kept_token_loss
 
-from conftest import random_batch, tiny_llama
+from conftest import Rows, random_batch, tiny_llama
 
 
 class QTuningTrainer(QTuningTrainerMixin, Trainer):
     pass
-
-
-class Rows(Dataset):
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __len__(self):
-        return self.batch["input_ids"].shape[0]
-
-    def __getitem__(self, index):
-        return {key: value[index] for key, value in self.batch.items()}
 
 
 def make_trainer(tmp_path, model, dataset=None, **config):
