@@ -5,6 +5,8 @@
 export HF_HUB_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
+# `axolotl train` starts `accelerate launch` from PATH.
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 setup:
 	bash scripts/setup_venv.sh
