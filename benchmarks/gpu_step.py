@@ -30,11 +30,11 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from typing import Optional
 
 import torch
+from _common import qtuning_trainer, sft_batch
 
 BUDGETS = {"0.25x0.5": (0.25, 0.5), "0.125x0.5": (0.125, 0.5)}
 FULL = {"layers": 8, "hidden": 1024, "heads": 16, "vocab": 32000, "seq": 1024, "batch": 8, "lora_r": 16}
@@ -63,17 +63,6 @@ def build_model(shape: dict, device: torch.device, dtype: torch.dtype):
     model = get_peft_model(model, lora)
     model.train()
     return model
-
-
-def make_batch(shape: dict, device: torch.device) -> dict:
-    """SFT rows ``[batch, seq]``: the first quarter is prompt (label -100), no padding."""
-    generator = torch.Generator().manual_seed(1)
-    batch, seq = shape["batch"], shape["seq"]
-    input_ids = torch.randint(0, shape["vocab"], (batch, seq), generator=generator)
-    labels = input_ids.clone()
-    labels[:, : seq // 4] = -100
-    inputs = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
-    return {key: value.to(device) for key, value in inputs.items()}
 
 
 def backend_for(name: str, device: torch.device):
@@ -109,21 +98,10 @@ def full_step_fn(model, inputs: dict, backend):
 
 def qtuning_step_fn(model, inputs: dict, backend, ratios: tuple[float, float], device: torch.device):
     """Q-Tuning's two-pass step through the real trainer loss (`QTuningTrainerMixin.qtuning_loss`)."""
-    from transformers import Trainer, TrainingArguments
+    from qtuning_plugin import QTuningConfig
 
-    from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
-
-    class QTuningTrainer(QTuningTrainerMixin, Trainer):
-        pass
-
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="qtuning-gpu-step-"),
-        report_to=[],
-        use_cpu=device.type == "cpu",
-        save_strategy="no",
-    )
     config = QTuningConfig(sample_keep_ratio=ratios[0], token_keep_ratio=ratios[1], backend=backend.name)
-    trainer = QTuningTrainer(model=model, args=args, qtuning_config=config)
+    trainer = qtuning_trainer(model, config, device)
     trainer._qtuning_backend = backend  # already resolved (and, on CPU, liger under the interpreter)
 
     def step() -> torch.Tensor:
@@ -161,7 +139,7 @@ def measure(step, model, device: torch.device, warmup: int, repeats: int) -> dic
 def run(shape: dict, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
     """Every arm that can run on ``device``; ``{arm: measure(...) or {"skipped": reason}}``."""
     model = build_model(shape, device, dtype)
-    inputs = make_batch(shape, device)
+    inputs = sft_batch(shape["vocab"], shape["batch"], shape["seq"], device)
     results: dict[str, dict] = {}
     for backend_name in ("liger", "torch"):
         backend, reason = backend_for(backend_name, device)

@@ -44,9 +44,10 @@ def run_arm(arm: str, shape: dict) -> dict:
     """Build the model, run the steps of one arm; seconds per step and peak RSS growth in bytes."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from _common import qtuning_trainer, sft_batch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
+    from qtuning_plugin import QTuningConfig
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -64,26 +65,17 @@ def run_arm(arm: str, shape: dict) -> dict:
     )
     model.train()
 
-    generator = torch.Generator().manual_seed(1)
-    batch, seq = shape["batch"], shape["seq"]
-    input_ids = torch.randint(0, shape["vocab"], (batch, seq), generator=generator)
-    labels = input_ids.clone()
-    labels[:, : seq // 4] = -100  # the prompt
-    inputs = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
+    inputs = sft_batch(shape["vocab"], shape["batch"], shape["seq"])
 
     if arm == "full":
         def step():
             model(**inputs).loss.backward()
     else:
-        class QTuningTrainer(QTuningTrainerMixin, Trainer):
-            pass
-
         if arm == "full_fused":
             config = QTuningConfig(warmup_steps=10**9)  # every sample and token, one forward
         else:
             config = QTuningConfig(sample_keep_ratio=ARMS[arm][0], token_keep_ratio=ARMS[arm][1])
-        args = TrainingArguments(output_dir="/tmp/qtuning-step-cost", report_to=[], use_cpu=True)
-        trainer = QTuningTrainer(model=model, args=args, qtuning_config=config)
+        trainer = qtuning_trainer(model, config)
 
         def step():
             trainer.compute_loss(model, inputs).backward()

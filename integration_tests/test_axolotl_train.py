@@ -149,10 +149,9 @@ def test_qtuning_metrics_logged_within_spec(qtuning_run):
     assert sum(entry["qtuning/tokens_kept"] for entry in logs) < sum(entry["qtuning/tokens_trainable"] for entry in logs)
 
 
-def test_qtuning_selection_matches_spec(qtuning_run):
+def check_selections_match_spec(run: Run) -> None:
     """Redo each micro-batch's triage from the recorded per-sample (PPL, Ent), as SPEC sections 4-5 say."""
-    check_finished(qtuning_run)
-    selections = qtuning_run.probe()["selections"]
+    selections = run.probe()["selections"]
     assert len(selections) == STEPS  # one scoring per micro-batch, none during evaluation
     for step, record in enumerate(selections, start=1):
         trainable = torch.tensor(record["trainable"])
@@ -171,6 +170,11 @@ def test_qtuning_selection_matches_spec(qtuning_run):
             else:
                 expected = length
             assert int(kept_tokens[i]) == expected, (step, i, length, record["q2"][i])
+
+
+def test_qtuning_selection_matches_spec(qtuning_run):
+    check_finished(qtuning_run)
+    check_selections_match_spec(qtuning_run)
 
 
 def test_position_ids_absent_in_unpacked_batches(qtuning_run):
@@ -228,6 +232,9 @@ def test_qlora_trains_with_4bit_layers(tiny_model, tmp_path):
     assert "gemv_4bit: an autograd kernel was not registered" not in run.output
     check_loss_falls(run, evaluated=False)
     assert all("qtuning/kept_sample_frac" in entry for entry in run.train_logs())
+    # the quantised model goes through the same scoring and selection as the unquantised one
+    assert "scoring two_pass" in run.output, run.tail()
+    check_selections_match_spec(run)
 
 
 @pytest.mark.parametrize(

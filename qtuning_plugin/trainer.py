@@ -120,7 +120,11 @@ class QTuningTrainerMixin:
         mask = targets != -100
         if self._qtuning_backend is None:
             self._qtuning_backend = resolve_backend(config.backend, labels.device)
-            LOG.info("Q-Tuning fused cross-entropy backend: %s", self._qtuning_backend.name)
+            LOG.info(
+                "Q-Tuning fused cross-entropy backend: %s; scoring %s",
+                self._qtuning_backend.name,
+                self._scoring(packed),
+            )
         backend = self._qtuning_backend
         if not bool(mask.any()):
             LOG.warning("qtuning: a micro-batch without any trainable token; its loss is 0")

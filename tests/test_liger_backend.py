@@ -470,13 +470,14 @@ def test_final_hidden_states_through_liger_lce_forward(tmp_path):
 
 # ------------------------------------------------------------ benchmarks/gpu_step.py on CPU
 @PARENT_ONLY
-def test_gpu_step_benchmark_cpu_paths(capsys):
+def test_gpu_step_benchmark_cpu_paths(capsys, monkeypatch):
     """The GPU benchmark imports, exits 0 with a message without CUDA, and its logic runs on CPU."""
     import importlib.util
     import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as `python benchmarks/gpu_step.py` has it
     spec = importlib.util.spec_from_file_location("gpu_step", path)
     gpu_step = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_step)
