@@ -81,6 +81,15 @@ def _cpu_rss(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) * 1024
 
 
+def current_bytes(cuda: bool) -> int:
+    """Memory held now: allocated CUDA memory, or the process's resident set on CPU."""
+    if cuda:
+        import torch
+
+        return torch.cuda.memory_allocated()
+    return _cpu_rss("VmRSS")
+
+
 def save_random_model(path: Path, layers: int) -> None:
     """A Llama-3-8B-shaped checkpoint with `layers` decoder layers and random bf16 weights.
 
@@ -153,11 +162,8 @@ class PeakMeter:
 
         self.torch, self.cuda = torch, cuda
         gc.collect()
-        self.start = self._current()
+        self.start = current_bytes(cuda)
         self.reset()
-
-    def _current(self) -> int:
-        return self.torch.cuda.memory_allocated() if self.cuda else _cpu_rss("VmRSS")
 
     def reset(self) -> None:
         if self.cuda:
@@ -190,9 +196,9 @@ def run_arm(arm: str, path: Path, device: str, batch: int, seq: int) -> dict:
     from qtuning_plugin import QTuningConfig
 
     cuda = device == "cuda"
-    before_load = torch.cuda.memory_allocated() if cuda else _cpu_rss("VmRSS")
+    before_load = current_bytes(cuda)
     model = load_qlora(path, device)
-    loaded = torch.cuda.memory_allocated() if cuda else _cpu_rss("VmRSS")
+    loaded = current_bytes(cuda)
     inputs = sft_batch(LLAMA3_8B["vocab_size"], batch, seq, device)
 
     if arm == "full":
