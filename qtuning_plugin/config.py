@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class QTuningConfig(BaseModel):
@@ -51,12 +51,20 @@ class QTuningConfig(BaseModel):
         gt=0.0,
         description="Bisection stops once |kept fraction - sample_keep_ratio| is below this, > 0.",
     )
+    triage_scope: Literal["step", "micro_batch"] = Field(
+        default="step",
+        description=(
+            "step: triage the optimizer step's whole mini-batch (micro_batch_size x gradient_accumulation_steps "
+            "x world_size samples) once, then train on the kept samples regrouped into micro-batches. "
+            "micro_batch: triage each micro-batch (over every rank's) on its own, as the loss is computed."
+        ),
+    )
     scoring: Literal["auto", "two_pass", "single_pass"] = Field(
         default="auto",
         description=(
             "two_pass: gradient-free scoring forward, then forward/backward on the kept samples only. "
-            "single_pass: one forward with gradient, pruning by loss masking (needed for sample packing). "
-            "auto: two_pass unless sample packing is on."
+            "single_pass: one forward with gradient, pruning by loss masking (triage_scope micro_batch only). "
+            "auto: two_pass, except single_pass for packed rows with triage_scope micro_batch."
         ),
     )
     warmup_steps: int = Field(
@@ -78,6 +86,15 @@ class QTuningConfig(BaseModel):
         ge=0,
         description="Write the EU-plane and quadrant plots every N optimizer steps (0: only at the end).",
     )
+
+    @model_validator(mode="after")
+    def _single_pass_needs_micro_batch_scope(self) -> "QTuningConfig":
+        if self.scoring == "single_pass" and self.triage_scope == "step":
+            raise ValueError(
+                "qtuning.scoring: single_pass triages while the loss is computed, so it needs "
+                "`triage_scope: micro_batch`; with `triage_scope: step` use `auto` or `two_pass`"
+            )
+        return self
 
     def describe(self) -> str:
         """One line listing every setting, for the start-up log."""

@@ -5,7 +5,19 @@
 
 Axolotl's trainer runs this same code (`qtuning_plugin.axolotl.plugin`).
 
-One training micro-batch (SPEC section 7):
+``triage_scope: step`` (default): the mini-batch that is triaged is the optimizer step's
+(SPEC section 4). The Trainer fetches all of a step's micro-batches before the first forward
+(`Trainer.get_batch_samples`); there, each micro-batch is scored by a gradient-free forward
+(only per-token NLL and entropy are kept), the step's samples are triaged at once (over every
+rank's), Q2 tokens pruned, and the rows holding a kept token are regrouped into as few
+training passes of at most ``micro_batch_size`` rows as they fill (`qtuning_plugin.step`).
+The step's micro-batch slots are handed back to the Trainer's loop as "no pass" slots followed
+by the passes, so that the last slot, where the loop synchronises gradients (DDP) or steps the
+engine (DeepSpeed), is a real pass. The loss of the step is the mean cross-entropy over all of
+its kept tokens, on all ranks: the update of one large batch.
+
+``triage_scope: micro_batch``: each training micro-batch is triaged on its own, inside
+``compute_loss``:
 
 * two_pass (default without packing): a gradient-free forward over the whole
   micro-batch scores every token; triage and Q2 token pruning pick the kept
@@ -14,13 +26,10 @@ One training micro-batch (SPEC section 7):
   from its detached hidden states, each packed segment is triaged as a sample,
   and pruning is loss masking.
 
-Loss normalisation: the loss of a micro-batch is the mean cross-entropy over
-its kept tokens. Over gradient accumulation and data-parallel ranks the update
-is the mean of the micro-batch losses (each micro-batch weighs the same,
-whatever its number of kept tokens); transformers' ``num_items_in_batch`` is
-not used, since the kept-token count of later micro-batches is unknown until
-they are scored. Triage runs per micro-batch (over every rank's micro-batch
-in data-parallel training).
+  The loss of a micro-batch is then the mean cross-entropy over its kept tokens; over gradient
+  accumulation and data-parallel ranks the update is the mean of the micro-batch losses.
+  `compute_loss` called on a raw micro-batch (outside the Trainer's loop) takes this path too,
+  whatever the scope.
 """
 
 from __future__ import annotations
@@ -38,12 +47,16 @@ from qtuning_plugin.distributed import default_sample_gather
 from qtuning_plugin.history import QTuningHistory
 from qtuning_plugin.modeling import head_forward, shifted_targets
 from qtuning_plugin.ops.backends import Backend, resolve_backend
+from qtuning_plugin.step import NO_PASS, PASS_KEY, TrainingPass, concat, no_pass, plan_step, row_table
+
+# Below this many samples per triage, sample_keep_ratio is too coarse to be honoured.
+MIN_TRIAGE_BATCH = 8
 
 
-def kept_token_loss(
+def kept_token_loss_sum(
     backend: Backend, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, token_mask: Tensor
 ) -> Tensor:
-    """Mean cross-entropy (nats) over the kept tokens.
+    """Cross-entropy (nats) summed over the kept tokens.
 
     Args:
         hidden: ``[B, T, H]`` final hidden states (with gradient).
@@ -54,11 +67,27 @@ def kept_token_loss(
     Returns:
         A scalar; 0 with zero gradients when no token is kept.
     """
-    kept = int(token_mask.sum())
     # k-bit training keeps the head in float32 while the body may run in bf16.
     rows = hidden[token_mask].to(weight.dtype)
-    loss_sum = backend.linear_cross_entropy(rows, weight, targets[token_mask], bias=bias, reduction="sum")
-    return loss_sum / max(kept, 1)
+    return backend.linear_cross_entropy(rows, weight, targets[token_mask], bias=bias, reduction="sum")
+
+
+def kept_token_loss(
+    backend: Backend, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, token_mask: Tensor
+) -> Tensor:
+    """Mean cross-entropy (nats) over the kept tokens (`kept_token_loss_sum` / their count)."""
+    kept = int(token_mask.sum())
+    return kept_token_loss_sum(backend, hidden, weight, bias, targets, token_mask) / max(kept, 1)
+
+
+def _pad_cat(parts: list[Tensor], fill: Union[float, bool]) -> Tensor:
+    """``[n_i, t_i]`` tensors stacked into ``[sum n_i, max t_i]``, ``fill`` past each one's width."""
+    out = parts[0].new_full((sum(p.shape[0] for p in parts), max(p.shape[1] for p in parts)), fill)
+    start = 0
+    for part in parts:
+        out[start : start + part.shape[0], : part.shape[1]] = part
+        start += part.shape[0]
+    return out
 
 
 def _right_padded_length(attention_mask: Optional[Tensor]) -> Optional[int]:
@@ -94,12 +123,137 @@ class QTuningTrainerMixin:
         if self.qtuning_config.enabled:
             if not from_args:  # Axolotl's plugin has logged it already, before the model loaded
                 LOG.info("Q-Tuning is active: %s", self.qtuning_config.describe())
+            self._warn_if_triage_batch_is_small()
             from qtuning_plugin.callbacks import QTuningPlotCallback
 
             self.add_callback(QTuningPlotCallback(self.qtuning_history, self.qtuning_config.plot_every_n_steps))
 
+    def _warn_if_triage_batch_is_small(self) -> None:
+        args = self.args
+        step = self.qtuning_config.triage_scope == "step"
+        accumulation = args.gradient_accumulation_steps if step else 1
+        samples = args.per_device_train_batch_size * accumulation * args.world_size
+        if samples < MIN_TRIAGE_BATCH:
+            settings = "micro_batch_size (per_device_train_batch_size) x " + (
+                "gradient_accumulation_steps x " if step else ""
+            )
+            LOG.warning(
+                "qtuning: each triage sees %d samples (%sworld_size = %d x %s%d); below %d, "
+                "sample_keep_ratio=%g cannot be honoured (at least one sample is kept per triage)%s",
+                samples,
+                settings,
+                args.per_device_train_batch_size,
+                f"{accumulation} x " if step else "",
+                args.world_size,
+                MIN_TRIAGE_BATCH,
+                self.qtuning_config.sample_keep_ratio,
+                "" if step else "; `triage_scope: step` triages the whole optimizer step",
+            )
+
+    # ------------------------------------------------------- step-scope triage
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """`Trainer.get_batch_samples`, then (``triage_scope: step``) the step's triaged passes.
+
+        Returns as many micro-batch slots as the step has micro-batches: "no pass" slots first,
+        then the training passes, and no ``num_items_in_batch`` (our loss is normalised already).
+        """
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        config = self.qtuning_config
+        if not (config.enabled and config.triage_scope == "step" and batch_samples):
+            return batch_samples, num_items_in_batch
+        passes = self._triage_step([self._prepare_inputs(batch) for batch in batch_samples])
+        if len(passes) > len(batch_samples):
+            raise RuntimeError(f"qtuning: {len(passes)} training passes for {len(batch_samples)} micro-batches")
+        slots = [no_pass(self.args.device) for _ in range(len(batch_samples) - len(passes))]
+        return slots + passes, None
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
+        if inputs.get(PASS_KEY) is NO_PASS:
+            return torch.zeros((), device=self.args.device)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _triage_step(self, micro_batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Score and triage one optimizer step's micro-batches; this rank's training passes."""
+        config = self.qtuning_config
+        packed = [self._is_packed(inputs) for inputs in micro_batches]
+        targets = [
+            shifted_targets(inputs["labels"], inputs.get("position_ids") if is_packed else None)
+            for inputs, is_packed in zip(micro_batches, packed)
+        ]
+        masks = [t != -100 for t in targets]
+        backend = self._backend(targets[0].device, any(packed))
+        if self.state.global_step < config.warmup_steps:
+            token_masks = masks
+            stats = {"qtuning/warmup": 1.0}
+        else:
+            token_masks, stats = self._select_step(backend, micro_batches, targets, masks, packed)
+        tables = [
+            row_table(inputs, t, kept, kept.any(dim=1).nonzero().squeeze(1))
+            for inputs, t, kept in zip(micro_batches, targets, token_masks)
+        ]
+        first_row = torch.zeros(1, dtype=torch.long, device=targets[0].device)
+        fallback = row_table(micro_batches[0], targets[0], torch.zeros_like(masks[0]), first_row)
+        rows_per_pass = max(t.shape[0] for t in targets)
+        passes = plan_step(concat(tables), rows_per_pass, fallback)
+        stats["qtuning/training_passes"] = float(len(passes))
+        self._record(stats, torch.cat([m.flatten() for m in masks]), torch.cat([m.flatten() for m in token_masks]))
+        return passes
+
+    def _select_step(
+        self,
+        backend: Backend,
+        micro_batches: list[dict[str, Any]],
+        targets: list[Tensor],
+        masks: list[Tensor],
+        packed: list[bool],
+    ) -> tuple[list[Tensor], dict[str, float]]:
+        """Gradient-free scoring of every micro-batch, then one `select` over the step's samples.
+
+        Returns each micro-batch's ``[B, T]`` kept-token mask and the selection's statistics.
+        Packed rows take part as their segments (`Segments`).
+        """
+        model = self.model_wrapped
+        nll, entropy, mask, segments = [], [], [], []
+        with torch.no_grad():
+            for inputs, t, m, is_packed in zip(micro_batches, targets, masks, packed):
+                nll_i, entropy_i = head_forward(model, inputs, lambda h, w, b: self._token_stats(backend, h, w, b, t))
+                s = Segments.from_position_ids(inputs["position_ids"]) if is_packed else None
+                segments.append(s)
+                nll.append(nll_i if s is None else s.unpack(nll_i))
+                entropy.append(entropy_i if s is None else s.unpack(entropy_i))
+                mask.append(m if s is None else s.unpack(m, False))
+        selection = select(
+            _pad_cat(nll, 0.0), _pad_cat(entropy, 0.0), _pad_cat(mask, False), self.qtuning_config,
+            sample_gather=default_sample_gather(),
+        )
+        self.qtuning_last_selection = selection
+        self.qtuning_history.record_samples(selection, step=self.state.global_step + 1)
+        token_masks, start = [], 0
+        for m, s in zip(mask, segments):
+            kept = selection.token_mask[start : start + m.shape[0], : m.shape[1]]
+            token_masks.append(kept if s is None else s.repack(kept))
+            start += m.shape[0]
+        return token_masks, selection.stats
+
+    def _pass_loss(self, model: nn.Module, inputs: dict[str, Any], training_pass: TrainingPass) -> Tensor:
+        backend = self._backend(training_pass.targets.device, False)
+        return head_forward(
+            model,
+            inputs,
+            lambda h, w, b: training_pass.loss_scale
+            * kept_token_loss_sum(backend, h, w, b, training_pass.targets, training_pass.token_mask),
+        )
+
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
+        training_pass = inputs.get(PASS_KEY)
+        if isinstance(training_pass, TrainingPass):
+            loss = self._pass_loss(model, inputs, training_pass)
+            # Trainer.training_step divides by the step's micro-batch count unless a
+            # compute_loss_func normalises; the pass's loss carries its share already.
+            if self.compute_loss_func is None:
+                loss = loss * self.current_gradient_accumulation_steps
+            return (loss, None) if return_outputs else loss
         if not (self.qtuning_config.enabled and model.training):
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -118,14 +272,7 @@ class QTuningTrainerMixin:
         packed = self._is_packed(inputs)
         targets = shifted_targets(labels, inputs.get("position_ids") if packed else None)
         mask = targets != -100
-        if self._qtuning_backend is None:
-            self._qtuning_backend = resolve_backend(config.backend, labels.device)
-            LOG.info(
-                "Q-Tuning fused cross-entropy backend: %s; scoring %s",
-                self._qtuning_backend.name,
-                self._scoring(packed),
-            )
-        backend = self._qtuning_backend
+        backend = self._backend(labels.device, packed)
         if not bool(mask.any()):
             LOG.warning("qtuning: a micro-batch without any trainable token; its loss is 0")
 
@@ -162,6 +309,19 @@ class QTuningTrainerMixin:
             sub_targets, sub_mask = sub_targets[:, :length], sub_mask[:, :length]
         return head_forward(model, sub_inputs, lambda h, w, b: kept_token_loss(backend, h, w, b, sub_targets, sub_mask))
 
+    def _backend(self, device: torch.device, packed: bool) -> Backend:
+        """The fused cross-entropy backend, resolved (and logged) on first use."""
+        if self._qtuning_backend is None:
+            self._qtuning_backend = resolve_backend(self.qtuning_config.backend, device)
+            scope = self.qtuning_config.triage_scope
+            LOG.info(
+                "Q-Tuning fused cross-entropy backend: %s; triage_scope %s; scoring %s",
+                self._qtuning_backend.name,
+                scope,
+                "two_pass" if scope == "step" else self._scoring(packed),
+            )
+        return self._qtuning_backend
+
     def _is_packed(self, inputs: dict[str, Any]) -> bool:
         return bool(getattr(self.args, "sample_packing", False)) and inputs.get("position_ids") is not None
 
@@ -188,11 +348,7 @@ class QTuningTrainerMixin:
         With ``segments`` the samples are the packed segments, and the returned
         sample mask is that of the rows holding at least one kept sample.
         """
-        batch, length, width = hidden.shape
-        nll, entropy = backend.token_stats(
-            hidden.reshape(-1, width).to(weight.dtype), weight, targets.reshape(-1), bias=bias, chunk_size=self.qtuning_config.chunk_size
-        )
-        nll, entropy = nll.view(batch, length), entropy.view(batch, length)
+        nll, entropy = self._token_stats(backend, hidden, weight, bias, targets)
         gather = default_sample_gather()
         if segments is None:
             selection = select(nll, entropy, mask, self.qtuning_config, sample_gather=gather)
@@ -210,6 +366,17 @@ class QTuningTrainerMixin:
         self._record(selection.stats, mask, token_mask)
         self.qtuning_history.record_samples(selection, step=self.state.global_step + 1)
         return token_mask.any(dim=1), token_mask
+
+    def _token_stats(
+        self, backend: Backend, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Per-token ``(nll, entropy)``, each ``[B, T]`` float32 nats, of ``hidden [B, T, H]`` (no gradient)."""
+        batch, length, width = hidden.shape
+        nll, entropy = backend.token_stats(
+            hidden.reshape(-1, width).to(weight.dtype), weight, targets.reshape(-1), bias=bias,
+            chunk_size=self.qtuning_config.chunk_size,
+        )
+        return nll.view(batch, length), entropy.view(batch, length)
 
     # --------------------------------------------------------------- logging
     def _record(self, stats: dict[str, float], mask: Tensor, token_mask: Tensor) -> None:

@@ -1,4 +1,4 @@
-"""The training step (QTuningTrainerMixin): two-pass vs single-pass, packing, gradient
+"""The micro-batch-scope training step (QTuningTrainerMixin): two-pass vs single-pass, packing, gradient
 accumulation, warm start, empty micro-batches and evaluation."""
 
 import logging
@@ -20,6 +20,8 @@ class QTuningTrainer(QTuningTrainerMixin, Trainer):
 
 
 def make_trainer(tmp_path, model, dataset=None, **config):
+    """A trainer on 8-row micro-batches; triage per micro-batch unless ``triage_scope`` says otherwise."""
+    config.setdefault("triage_scope", "micro_batch")
     args = TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=8,
