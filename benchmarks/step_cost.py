@@ -14,8 +14,16 @@ Arms:
 Reported as ratios to `full`, beside the ideal step cost (1 + 3r) / 3 (SPEC section 7).
 The last printed line is one JSON object.
 
+``--consumer``: one optimizer step at the shape of one consumer GPU, micro_batch_size 1 x
+gradient accumulation 16 (16 rows), through the trainer's own step (``get_batch_samples`` +
+``training_step``):
+  full_mbs1     full-data SFT, the model's own loss: 16 forward + backward passes of one row
+  step_0.25x0.5 Q-Tuning with ``triage_scope: step``: 16 gradient-free scoring forwards of one
+                row, then forward + backward on the 4 kept rows, one per pass
+
     python benchmarks/step_cost.py            # 8 layers, hidden 512, vocab 32000, seq 256, batch 16
     python benchmarks/step_cost.py --quick    # a smaller model, under 2 minutes
+    python benchmarks/step_cost.py --consumer # mbs 1 x GA 16, same model
     python benchmarks/step_cost.py --plot benchmarks/step_cost.png
 """
 
@@ -31,6 +39,7 @@ import sys
 import time
 
 ARMS = {"1x1": (1.0, 1.0), "0.5x0.7": (0.5, 0.7), "0.25x0.5": (0.25, 0.5), "0.125x0.5": (0.125, 0.5)}
+CONSUMER_ARMS = {"full_mbs1": None, "step_0.25x0.5": (0.25, 0.5)}
 FULL = {"layers": 8, "hidden": 512, "vocab": 32000, "seq": 256, "batch": 16, "repeats": 3}
 QUICK = {"layers": 4, "hidden": 256, "vocab": 8000, "seq": 128, "batch": 16, "repeats": 2}
 
@@ -66,8 +75,24 @@ def run_arm(arm: str, shape: dict) -> dict:
     model.train()
 
     inputs = sft_batch(shape["vocab"], shape["batch"], shape["seq"])
+    rows = [{key: value[i : i + 1] for key, value in inputs.items()} for i in range(shape["batch"])]
 
-    if arm == "full":
+    if arm == "full_mbs1":
+        def step():
+            for row in rows:
+                (model(**row).loss / len(rows)).backward()
+    elif arm in CONSUMER_ARMS:
+        sample_keep, token_keep = CONSUMER_ARMS[arm]
+        trainer = qtuning_trainer(
+            model, QTuningConfig(triage_scope="step", sample_keep_ratio=sample_keep, token_keep_ratio=token_keep)
+        )
+
+        def step():
+            passes, _ = trainer.get_batch_samples(iter(rows), len(rows), model.device)
+            trainer.current_gradient_accumulation_steps = len(passes)
+            for micro_batch in passes:
+                trainer.training_step(model, micro_batch)
+    elif arm == "full":
         def step():
             model(**inputs).loss.backward()
     else:
@@ -94,6 +119,7 @@ def run_arm(arm: str, shape: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller model, under 2 minutes")
+    parser.add_argument("--consumer", action="store_true", help="one optimizer step at mbs 1 x GA 16 (see above)")
     parser.add_argument("--plot", help="write a PNG of the ratios to this path")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -105,10 +131,13 @@ def main() -> None:
     print(f"model: {shape['layers']} layers, hidden {shape['hidden']}, vocab {shape['vocab']}, "
           f"seq {shape['seq']}, batch {shape['batch']}, LoRA r 8; median of {shape['repeats']} steps")
     results = {}
-    for arm in ["full", "full_fused", *ARMS]:
+    for arm in CONSUMER_ARMS if args.consumer else ["full", "full_fused", *ARMS]:
         command = [sys.executable, __file__, "--child", arm] + (["--quick"] if args.quick else [])
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[arm] = json.loads(output.strip().splitlines()[-1])
+    if args.consumer:
+        report_consumer(results)
+        return
 
     full = results["full"]
     ideal = {"full": 1.0, "full_fused": 1.0, **{arm: (1 + 3 * r) / 3 for arm, (r, _) in ARMS.items()}}
@@ -124,6 +153,18 @@ def main() -> None:
         "step_time_ratio": {arm: time_ratio[arm] for arm in ARMS},
         "peak_mem_ratio": {arm: mem_ratio[arm] for arm in ARMS},
     }))
+
+
+def report_consumer(results: dict) -> None:
+    """Ratios of the Q-Tuning step to full-data SFT at the same mbs 1 x GA 16, per optimizer step."""
+    full, pruned = results["full_mbs1"], results["step_0.25x0.5"]
+    time_ratio = round(pruned["step_s"] / full["step_s"], 3)
+    mem_ratio = round(pruned["peak_bytes"] / full["peak_bytes"], 3)
+    print(f"{'arm':>14} {'step s':>8} {'peak MiB':>9}")
+    for arm, result in results.items():
+        print(f"{arm:>14} {result['step_s']:8.2f} {result['peak_bytes'] / 2**20:9.0f}")
+    print(f"step_0.25x0.5 / full_mbs1: time {time_ratio} (ideal {(1 + 3 * 0.25) / 3:.3f}), peak memory {mem_ratio}")
+    print(json.dumps({"consumer_step_time_ratio": time_ratio, "consumer_peak_mem_ratio": mem_ratio}))
 
 
 def plot(time_ratio: dict, mem_ratio: dict, ideal: dict, path: str) -> None:

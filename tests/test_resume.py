@@ -25,7 +25,7 @@ CONFIG = {"sample_keep_ratio": 0.5, "token_keep_ratio": 0.5, "warmup_steps": 4}
 
 
 class RecordingTrainer(QTuningTrainerMixin, Trainer):
-    """Remembers every training micro-batch's sample mask, by optimizer step (1-based)."""
+    """Remembers every triage's sample and token masks, and the warm steps, by optimizer step (1-based)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -42,6 +42,17 @@ class RecordingTrainer(QTuningTrainerMixin, Trainer):
         self.masks[self.state.global_step + 1] = (sample_mask.clone(), token_mask.clone())
         return sample_mask, token_mask
 
+    def _triage_step(self, micro_batches):
+        if self.state.global_step < self.qtuning_config.warmup_steps:
+            self.warm_steps.append(self.state.global_step + 1)
+        return super()._triage_step(micro_batches)
+
+    def _select_step(self, *args, **kwargs):
+        result = super()._select_step(*args, **kwargs)
+        selection = self.qtuning_last_selection
+        self.masks[self.state.global_step + 1] = (selection.sample_mask.clone(), selection.token_mask.clone())
+        return result
+
 
 class StopAt(TrainerCallback):
     def __init__(self, step):
@@ -53,10 +64,16 @@ class StopAt(TrainerCallback):
             control.should_save = True
 
 
-def make_trainer(output_dir, stop_at=None):
+# triage_scope: (micro_batch_size, gradient_accumulation_steps), 8 samples per optimizer step
+SHAPES = {"micro_batch": (8, 1), "step": (4, 2)}
+
+
+def make_trainer(output_dir, scope, stop_at=None):
+    micro_batch_size, accumulation = SHAPES[scope]
     args = TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=micro_batch_size,
+        gradient_accumulation_steps=accumulation,
         max_steps=STEPS,
         learning_rate=1e-2,
         lr_scheduler_type="linear",
@@ -73,7 +90,7 @@ def make_trainer(output_dir, stop_at=None):
         model=tiny_llama(seed=0),
         args=args,
         train_dataset=Rows(random_batch(batch=64, length=16, seed=11)),
-        qtuning_config=QTuningConfig(**CONFIG),
+        qtuning_config=QTuningConfig(triage_scope=scope, **CONFIG),
     )
     if stop_at is not None:
         trainer.add_callback(StopAt(stop_at))
@@ -84,14 +101,14 @@ def _logged(trainer):
     return {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=list(SHAPES))
+def runs(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("resume")
-    full = make_trainer(root / "full")
+    full = make_trainer(root / "full", request.param)
     full.train()
-    first = make_trainer(root / "split", stop_at=SAVE_AT)
+    first = make_trainer(root / "split", request.param, stop_at=SAVE_AT)
     first.train()
-    resumed = make_trainer(root / "split")
+    resumed = make_trainer(root / "split", request.param)
     resumed.train(resume_from_checkpoint=str(root / "split" / f"checkpoint-{SAVE_AT}"))
     return full, first, resumed
 

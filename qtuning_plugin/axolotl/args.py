@@ -25,10 +25,11 @@ class QTuningArgs(BaseModel):
             return data
         if data.get("rl"):
             raise ValueError(f"qtuning: supervised fine-tuning only; remove `qtuning:` or `rl: {data['rl']}`")
-        if data.get("sample_packing") and section.get("scoring") == "two_pass":
+        micro_batch_scope = section.get("triage_scope") == "micro_batch"
+        if data.get("sample_packing") and micro_batch_scope and section.get("scoring") == "two_pass":
             raise ValueError(
-                "qtuning.scoring: two_pass needs one sample per row; with `sample_packing: true` "
-                "use `single_pass` or `auto`"
+                "qtuning.scoring: two_pass with `triage_scope: micro_batch` needs one sample per row; with "
+                "`sample_packing: true` use `single_pass` or `auto`, or `triage_scope: step`"
             )
         return data
 

@@ -1,0 +1,60 @@
+"""End to end: `axolotl train` at the consumer-GPU shape (micro_batch_size 1 x gradient accumulation 8)
+with `triage_scope: step`: one triage per optimizer step over its 8 samples, redone here from SPEC."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from axolotl_run import run_axolotl_train, tiny_config
+from test_axolotl_train import PROBE, check_finished, reference_triage
+
+pytestmark = pytest.mark.integration
+
+STEPS, ACCUMULATION = 6, 8
+SAMPLE_KEEP, TOKEN_KEEP = 0.25, 0.5
+
+
+@pytest.fixture(scope="module")
+def step_run(tmp_path_factory):
+    from qtuning_plugin.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+    config = tiny_config(
+        tmp_path_factory.mktemp("step-scope"),
+        model,
+        steps=STEPS,
+        plugins=PROBE,
+        micro_batch_size=1,
+        gradient_accumulation_steps=ACCUMULATION,
+        qtuning={"triage_scope": "step", "sample_keep_ratio": SAMPLE_KEEP, "token_keep_ratio": TOKEN_KEEP},
+    )
+    return run_axolotl_train(config)
+
+
+def test_every_step_keeps_a_quarter_of_its_samples_in_two_passes(step_run):
+    check_finished(step_run)
+    logs = step_run.train_logs()
+    assert len(logs) == STEPS
+    assert [entry["qtuning/kept_sample_frac"] for entry in logs] == [SAMPLE_KEEP] * STEPS
+    assert [entry["qtuning/training_passes"] for entry in logs] == [2.0] * STEPS
+    assert all(math.isfinite(entry["loss"]) for entry in logs)
+
+
+def test_each_step_selection_matches_spec(step_run):
+    check_finished(step_run)
+    selections = step_run.probe()["selections"]
+    assert len(selections) == STEPS  # one triage per optimizer step
+    for step, record in enumerate(selections, start=1):
+        assert len(record["keep"]) == ACCUMULATION
+        trainable = torch.tensor(record["trainable"])
+        valid = trainable > 0
+        keep, q2 = reference_triage(torch.tensor(record["ppl"], dtype=torch.float64)[valid],
+                                    torch.tensor(record["ent"], dtype=torch.float64)[valid], SAMPLE_KEEP)
+        assert torch.tensor(record["keep"])[valid].tolist() == keep.tolist(), f"step {step}"
+        assert torch.tensor(record["q2"])[valid].tolist() == q2.tolist(), f"step {step}"
+        for i, length in enumerate(record["trainable"]):
+            expected = 0 if not record["keep"][i] else max(1, math.floor(TOKEN_KEEP * length)) if record["q2"][i] else length
+            assert record["kept_tokens"][i] == expected, (step, i)
