@@ -2,28 +2,30 @@
 
 With ``triage_scope: step`` the mini-batch of SPEC section 4 is the optimizer step's: every
 gradient-accumulation micro-batch on every data-parallel rank. Once the step is scored and
-triaged, its rows that hold a kept token (`RowTable`) are regrouped into training passes of at
-most ``rows_per_pass`` rows (`plan_passes`), padding trimmed, so the number of forward/backward
-passes falls with ``sample_keep_ratio``. The loss of the step is the cross-entropy summed over
-all kept tokens of the step divided by their count (all ranks): each pass carries its share
-through ``loss_scale``.
+triaged, what holds a kept token becomes a unit of a `UnitTable`: a whole row, or with sample
+packing a packed segment. The units are regrouped into training passes of at most
+``rows_per_pass`` rows (`plan_passes`), padding trimmed, and kept segments are packed again
+into as few rows as they fill, so that the number of forward/backward passes falls with
+``sample_keep_ratio``. The loss of the step is the cross-entropy summed over all kept tokens of
+the step divided by their count (all ranks): each pass carries its share in ``loss_scale``.
 
-Data parallel: the kept rows of every rank are gathered (token ids and masks only, a few
+Data parallel: the kept units of every rank are gathered (token ids and masks only, a few
 integers per token) and dealt out again so that every rank runs the same number of passes
 (DDP and ZeRO all-reduce once per pass, so unequal counts would hang) and none idles while
-another has rows to train on. Dealing rows round-robin in order of decreasing length also
-evens out the tokens per rank and puts rows of similar length into the same pass.
+another has units to train on. Dealing units round-robin in order of decreasing length also
+evens out the tokens per rank and puts units of similar length into the same pass.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+from qtuning_plugin.core import Segments
 from qtuning_plugin.distributed import all_gather_padded, world_size
 
 # Row-aligned ``[B, T]`` inputs carried into the training passes, and their padding values.
@@ -54,58 +56,86 @@ class TrainingPass:
 
 
 @dataclass(frozen=True)
-class RowTable:
-    """Rows of a step as one integer tensor, so that they travel between ranks in one collective.
+class UnitTable:
+    """The units of a step (rows, or packed segments) as one integer tensor, so that they travel
+    between ranks in one collective.
 
     Attributes:
         columns: the name of each channel: some of `ROW_KEYS`, then ``targets`` and ``token_mask``.
-        values: ``[K, L, C]`` int64, row k's channel c at position t; past a row's length, the
+        values: ``[K, L, C]`` int64, unit k's channel c at position t; past a unit's length, the
             channel's padding value (-100 for labels and targets, else 0).
-        lengths: ``[K]`` int64, the positions in use of each row (right padding trimmed).
+        lengths: ``[K]`` int64, the positions in use of each unit (right padding trimmed).
+        segment_ids: None for whole rows; for packed segments, whether the attention mask of a
+            packed row numbers its segments 1, 2, ... (Axolotl's packing collator) rather
+            than holding ones.
     """
 
     columns: tuple[str, ...]
     values: Tensor
     lengths: Tensor
+    segment_ids: Optional[bool] = None
 
     @property
-    def num_rows(self) -> int:
+    def num_units(self) -> int:
         return self.values.shape[0]
 
     def kept_tokens(self) -> int:
         return int(self.values[..., self.columns.index("token_mask")].sum())
 
-    def padded_to(self, length: int) -> "RowTable":
-        """The same rows with ``length`` positions (>= the current one)."""
-        rows, current, channels = self.values.shape
+    def padded_to(self, length: int) -> "UnitTable":
+        """The same units with ``length`` positions (>= the current one)."""
+        units, current, channels = self.values.shape
         if length == current:
             return self
-        fill = torch.tensor([_PAD.get(c, 0) for c in self.columns], dtype=self.values.dtype, device=self.values.device)
-        tail = fill.expand(rows, length - current, channels)
-        return RowTable(self.columns, torch.cat([self.values, tail], dim=1), self.lengths)
+        tail = _padding(self.columns, self.values.device).expand(units, length - current, channels)
+        return replace(self, values=torch.cat([self.values, tail], dim=1))
 
-    def gather(self) -> "RowTable":
-        """Every rank's rows, in rank order (a collective: every rank must call it)."""
+    def gather(self) -> "UnitTable":
+        """Every rank's units, in rank order (a collective: every rank must call it)."""
         values = all_gather_padded(self.values)
         lengths = all_gather_padded(self.lengths)
         length = max(v.shape[1] for v in values)
-        parts = [RowTable(self.columns, v, n).padded_to(length) for v, n in zip(values, lengths)]
-        return RowTable(self.columns, torch.cat([p.values for p in parts]), torch.cat(lengths))
+        parts = [replace(self, values=v, lengths=n).padded_to(length) for v, n in zip(values, lengths)]
+        return replace(self, values=torch.cat([p.values for p in parts]), lengths=torch.cat(lengths))
 
-    def rows(self, index: list[int], drop_tokens: bool = False) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        """Rows ``index`` trimmed to the longest of them: ``(model inputs, targets, token_mask)``.
+    def rows(self, rows: list[list[int]], drop_tokens: bool = False) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Training rows, each the units listed (packed one after the other), right-padded to the
+        longest: ``(model inputs [R, T], targets [R, T], token_mask [R, T])``.
 
         ``drop_tokens`` clears the token mask (a pass that must run for the collectives but
         trains on nothing).
         """
-        length = max(1, int(self.lengths[index].max()))
-        block = self.values[index, :length]
+        built = []
+        for units in rows:
+            parts = [self.values[u, : int(self.lengths[u])] for u in units]
+            if self.segment_ids is not None and "attention_mask" in self.columns:
+                column = self.columns.index("attention_mask")
+                parts = [p.clone() for p in parts]
+                for number, part in enumerate(parts, start=1):
+                    part[:, column] = number if self.segment_ids else 1
+            built.append(torch.cat(parts))
+        length = max(1, max(r.shape[0] for r in built))
+        fill = _padding(self.columns, self.values.device)
+        block = torch.stack([torch.cat([r, fill.expand(length - r.shape[0], -1)]) for r in built])
         columns = {name: block[..., c] for c, name in enumerate(self.columns)}
         token_mask = columns.pop("token_mask").bool()
         if drop_tokens:
             token_mask = torch.zeros_like(token_mask)
         targets = columns.pop("targets")
         return columns, targets, token_mask
+
+
+def _padding(columns: tuple[str, ...], device: torch.device) -> Tensor:
+    """``[C]`` int64: each channel's value past the end of a unit."""
+    return torch.tensor([_PAD.get(c, 0) for c in columns], dtype=torch.long, device=device)
+
+
+def _channels(inputs: dict[str, Any], targets: Tensor, token_mask: Tensor) -> tuple[tuple[str, ...], Tensor]:
+    """The `ROW_KEYS` present as ``[B, T]`` tensors, and every channel stacked: ``[B, T, C]`` int64."""
+    shape = targets.shape
+    columns = [key for key in ROW_KEYS if torch.is_tensor(inputs.get(key)) and inputs[key].shape == shape]
+    values = torch.stack([inputs[key].long() for key in columns] + [targets, token_mask.long()], dim=-1)
+    return (*columns, "targets", "token_mask"), values
 
 
 def used_length(inputs: dict[str, Any], batch: int, length: int) -> Tensor:
@@ -117,82 +147,128 @@ def used_length(inputs: dict[str, Any], batch: int, length: int) -> Tensor:
     return (mask.ne(0) * positions).amax(dim=1).clamp(min=1).cpu()
 
 
-def row_table(inputs: dict[str, Any], targets: Tensor, token_mask: Tensor, rows: Tensor) -> RowTable:
-    """The rows ``rows`` (``[k]`` int64) of one micro-batch as a `RowTable`.
+def row_table(inputs: dict[str, Any], targets: Tensor, token_mask: Tensor, rows: Tensor) -> UnitTable:
+    """The rows ``rows`` (``[k]`` int64) of one unpacked micro-batch as units.
 
     Args:
         inputs: the micro-batch, ``[B, T]`` tensors under (some of) `ROW_KEYS`.
         targets: ``[B, T]`` int64 shifted labels.
         token_mask: ``[B, T]`` bool, the kept tokens.
     """
-    batch, length = targets.shape
-    columns = [key for key in ROW_KEYS if torch.is_tensor(inputs.get(key)) and inputs[key].shape == (batch, length)]
-    channels = [inputs[key].long() for key in columns] + [targets, token_mask.long()]
-    values = torch.stack(channels, dim=-1)[rows]
-    lengths = used_length(inputs, batch, length).to(rows.device)[rows]
-    table = RowTable((*columns, "targets", "token_mask"), values, lengths)
+    columns, values = _channels(inputs, targets, token_mask)
+    lengths = used_length(inputs, *targets.shape).to(rows.device)[rows]
     width = int(lengths.max()) if rows.numel() else 0
-    return RowTable(table.columns, table.values[:, :width], table.lengths)
+    return UnitTable(columns, values[rows, :width], lengths)
 
 
-def concat(tables: list[RowTable]) -> RowTable:
-    """The rows of several tables (same columns) in order."""
+def segment_table(
+    inputs: dict[str, Any], targets: Tensor, token_mask: Tensor, segments: Segments, kept: Tensor
+) -> UnitTable:
+    """The packed segments ``kept`` (``[k]`` int64 segment numbers of `Segments`) of one micro-batch as units.
+
+    Each unit is the segment's positions, with its own ``position_ids`` (from 0); the
+    attention mask is renumbered when the units are packed into rows again (`UnitTable.rows`).
+    """
+    columns, values = _channels(inputs, targets, token_mask)
+    flat, sample = values.flatten(0, 1), segments.sample.flatten()
+    units = [flat[sample == s] for s in kept.tolist()]
+    lengths = torch.tensor([u.shape[0] for u in units], dtype=torch.long, device=values.device)
+    width = int(lengths.max()) if units else 0
+    padded = _padding(columns, values.device).expand(len(units), width, -1).clone()
+    for k, unit in enumerate(units):
+        padded[k, : unit.shape[0]] = unit
+    mask = inputs.get("attention_mask")
+    numbered = mask is not None and bool((mask > 1).any())
+    return UnitTable(columns, padded, lengths, segment_ids=numbered)
+
+
+def concat(tables: list[UnitTable]) -> UnitTable:
+    """The units of several tables (same columns and kind) in order."""
     length = max(t.values.shape[1] for t in tables)
     padded = [t.padded_to(length) for t in tables]
-    return RowTable(tables[0].columns, torch.cat([t.values for t in padded]), torch.cat([t.lengths for t in padded]))
+    return replace(tables[0], values=torch.cat([t.values for t in padded]), lengths=torch.cat([t.lengths for t in padded]))
 
 
-def plan_passes(lengths: list[int], world: int, rank: int, rows_per_pass: int) -> list[list[int]]:
-    """Deal K kept rows out to ``world`` ranks and group this rank's into passes.
+def _first_fit(units: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
+    """Units (in order of decreasing length) packed into rows of ``capacity`` positions, first fit."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for unit in units:
+        for r, room in enumerate(free):
+            if lengths[unit] <= room:
+                rows[r].append(unit)
+                free[r] -= lengths[unit]
+                break
+        else:
+            rows.append([unit])
+            free.append(capacity - lengths[unit])
+    return rows
 
-    Rows are dealt round-robin in order of decreasing length (ties: lower index first); every
-    rank gets ``P = max(1, ceil(ceil(K / world) / rows_per_pass))`` passes, its rows split into
-    P contiguous groups whose sizes differ by at most one (so none exceeds ``rows_per_pass``).
+
+def plan_passes(
+    lengths: list[int], world: int, rank: int, rows_per_pass: int, capacity: Optional[int] = None
+) -> list[list[list[int]]]:
+    """Deal K kept units out to ``world`` ranks and group this rank's into passes.
+
+    Units are dealt round-robin in order of decreasing length (ties: lower index first). Each
+    unit is a row of its own, or with ``capacity`` (packed segments) the units are packed into
+    rows of that many positions, first fit. Every rank gets the same number of passes,
+    ``P = max(1, ceil(most rows on one rank / rows_per_pass))``, its rows split into P
+    contiguous groups whose sizes differ by at most one (so none exceeds ``rows_per_pass``).
     A group is empty only where this rank has fewer rows than passes.
 
     Returns:
-        P lists of row indices (into ``lengths``) for ``rank``.
+        P passes for ``rank``, each a list of rows, each a list of unit indices (into ``lengths``).
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    share = order[rank::world]
-    passes = max(1, math.ceil(math.ceil(len(lengths) / world) / rows_per_pass))
-    size, extra = divmod(len(share), passes)
+
+    def rows_of(r: int) -> list[list[int]]:
+        share = order[r::world]
+        return [[u] for u in share] if capacity is None else _first_fit(share, lengths, capacity)
+
+    passes = max(1, max(math.ceil(len(rows_of(r)) / rows_per_pass) for r in range(world)))
+    rows = rows_of(rank)
+    size, extra = divmod(len(rows), passes)
     groups, start = [], 0
     for p in range(passes):
         end = start + size + (1 if p < extra else 0)
-        groups.append(share[start:end])
+        groups.append(rows[start:end])
         start = end
     return groups
 
 
-def plan_step(local: RowTable, rows_per_pass: int, fallback: RowTable) -> list[dict[str, Any]]:
+def plan_step(local: UnitTable, rows_per_pass: int, row_capacity: int, fallback: UnitTable) -> list[dict[str, Any]]:
     """This rank's training passes of a triaged step (a collective in data-parallel training).
 
     Args:
-        local: this rank's rows holding at least one kept token.
+        local: this rank's units holding at least one kept token.
         rows_per_pass: the most rows in one of this step's micro-batches, on any rank.
-        fallback: one row of this rank's, trained with no token where the step keeps none.
+        row_capacity: the widest row of this step's micro-batches, on any rank: packed
+            segments are packed into rows of this many positions.
+        fallback: one unit of this rank's, trained with no token where the step keeps none.
 
     Returns:
-        One dict per pass: model inputs of at most ``rows_per_pass`` rows (the step's
-        largest micro-batch) with a `TrainingPass` under `PASS_KEY`.
+        One dict per pass: model inputs of at most ``rows_per_pass`` rows with a
+        `TrainingPass` under `PASS_KEY`.
     """
     world = world_size()
     table = local
     if world > 1:
-        mine = torch.tensor([rows_per_pass], device=local.values.device)
-        rows_per_pass = max(int(n) for n in all_gather_padded(mine))
+        mine = torch.tensor([rows_per_pass, row_capacity], device=local.values.device)
+        shapes = torch.stack(all_gather_padded(mine))
+        rows_per_pass, row_capacity = (int(n) for n in shapes.amax(dim=0))
         table = local.gather()
     kept = table.kept_tokens()
     scale = world / kept if kept else 0.0
     rank = torch.distributed.get_rank() if world > 1 else 0
+    capacity = None if table.segment_ids is None else row_capacity
     passes = []
-    for group in plan_passes(table.lengths.tolist(), world, rank, rows_per_pass):
-        if group:
-            inputs, targets, token_mask = table.rows(group)
+    for rows in plan_passes(table.lengths.tolist(), world, rank, rows_per_pass, capacity):
+        if rows:
+            inputs, targets, token_mask = table.rows(rows)
         else:  # the rank has fewer rows than passes: a pass that trains on nothing
-            source = table if table.num_rows else fallback
-            inputs, targets, token_mask = source.rows([0], drop_tokens=True)
+            source = table if table.num_units else fallback
+            inputs, targets, token_mask = source.rows([[0]], drop_tokens=True)
         passes.append({**inputs, PASS_KEY: TrainingPass(targets, token_mask, scale)})
     return passes
 

@@ -47,7 +47,7 @@ from qtuning_plugin.distributed import default_sample_gather
 from qtuning_plugin.history import QTuningHistory
 from qtuning_plugin.modeling import head_forward, shifted_targets
 from qtuning_plugin.ops.backends import Backend, resolve_backend
-from qtuning_plugin.step import NO_PASS, PASS_KEY, TrainingPass, concat, no_pass, plan_step, row_table
+from qtuning_plugin.step import NO_PASS, PASS_KEY, TrainingPass, concat, no_pass, plan_step, row_table, segment_table
 
 # Below this many samples per triage, sample_keep_ratio is too coarse to be honoured.
 MIN_TRIAGE_BATCH = 8
@@ -175,26 +175,33 @@ class QTuningTrainerMixin:
     def _triage_step(self, micro_batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Score and triage one optimizer step's micro-batches; this rank's training passes."""
         config = self.qtuning_config
-        packed = [self._is_packed(inputs) for inputs in micro_batches]
+        segments = [
+            Segments.from_position_ids(inputs["position_ids"]) if self._is_packed(inputs) else None
+            for inputs in micro_batches
+        ]
         targets = [
-            shifted_targets(inputs["labels"], inputs.get("position_ids") if is_packed else None)
-            for inputs, is_packed in zip(micro_batches, packed)
+            shifted_targets(inputs["labels"], inputs["position_ids"] if s is not None else None)
+            for inputs, s in zip(micro_batches, segments)
         ]
         masks = [t != -100 for t in targets]
-        backend = self._backend(targets[0].device, any(packed))
+        backend = self._backend(targets[0].device, any(s is not None for s in segments))
         if self.state.global_step < config.warmup_steps:
             token_masks = masks
             stats = {"qtuning/warmup": 1.0}
         else:
-            token_masks, stats = self._select_step(backend, micro_batches, targets, masks, packed)
-        tables = [
-            row_table(inputs, t, kept, kept.any(dim=1).nonzero().squeeze(1))
-            for inputs, t, kept in zip(micro_batches, targets, token_masks)
-        ]
+            token_masks, stats = self._select_step(backend, micro_batches, targets, masks, segments)
+        tables = []
+        for inputs, t, kept, s in zip(micro_batches, targets, token_masks, segments):
+            if s is None:
+                tables.append(row_table(inputs, t, kept, kept.any(dim=1).nonzero().squeeze(1)))
+            else:
+                kept_segments = s.unpack(kept, False).any(dim=1).nonzero().squeeze(1)
+                tables.append(segment_table(inputs, t, kept, s, kept_segments))
         first_row = torch.zeros(1, dtype=torch.long, device=targets[0].device)
         fallback = row_table(micro_batches[0], targets[0], torch.zeros_like(masks[0]), first_row)
         rows_per_pass = max(t.shape[0] for t in targets)
-        passes = plan_step(concat(tables), rows_per_pass, fallback)
+        row_capacity = max(t.shape[1] for t in targets)
+        passes = plan_step(concat(tables), rows_per_pass, row_capacity, fallback)
         stats["qtuning/training_passes"] = float(len(passes))
         self._record(stats, torch.cat([m.flatten() for m in masks]), torch.cat([m.flatten() for m in token_masks]))
         return passes
@@ -205,20 +212,18 @@ class QTuningTrainerMixin:
         micro_batches: list[dict[str, Any]],
         targets: list[Tensor],
         masks: list[Tensor],
-        packed: list[bool],
+        segments: list[Optional[Segments]],
     ) -> tuple[list[Tensor], dict[str, float]]:
         """Gradient-free scoring of every micro-batch, then one `select` over the step's samples.
 
         Returns each micro-batch's ``[B, T]`` kept-token mask and the selection's statistics.
-        Packed rows take part as their segments (`Segments`).
+        Packed rows take part as their segments.
         """
         model = self.model_wrapped
-        nll, entropy, mask, segments = [], [], [], []
+        nll, entropy, mask = [], [], []
         with torch.no_grad():
-            for inputs, t, m, is_packed in zip(micro_batches, targets, masks, packed):
+            for inputs, t, m, s in zip(micro_batches, targets, masks, segments):
                 nll_i, entropy_i = head_forward(model, inputs, lambda h, w, b: self._token_stats(backend, h, w, b, t))
-                s = Segments.from_position_ids(inputs["position_ids"]) if is_packed else None
-                segments.append(s)
                 nll.append(nll_i if s is None else s.unpack(nll_i))
                 entropy.append(entropy_i if s is None else s.unpack(entropy_i))
                 mask.append(m if s is None else s.unpack(m, False))

@@ -176,19 +176,57 @@ def test_single_pass_scoring_needs_micro_batch_scope():
 
 
 @pytest.mark.parametrize(
-    "lengths, world, rows_per_pass, expected",
+    "lengths, world, rows_per_pass, capacity, expected",
     [
-        # rank 0 gets rows 1, 2 (lengths 9, 7); rank 1 gets 0, 3 (8, 5): two passes of one row each.
-        ([8, 9, 7, 5], 2, 1, [[[1], [2]], [[0], [3]]]),
+        # rank 0 gets units 1, 2 (lengths 9, 7); rank 1 gets 0, 3 (8, 5): two passes of one row each.
+        ([8, 9, 7, 5], 2, 1, None, [[[[1]], [[2]]], [[[0]], [[3]]]]),
         # 3 rows on 2 ranks at one row per pass: rank 1 has one row for two passes.
-        ([4, 6, 5], 2, 1, [[[1], [0]], [[2], []]]),
+        ([4, 6, 5], 2, 1, None, [[[[1]], [[0]]], [[[2]], []]]),
         # nothing kept: one empty pass everywhere
-        ([], 2, 4, [[[]], [[]]]),
+        ([], 2, 4, None, [[[]], [[]]]),
         # one rank: 5 rows, 2 per pass -> 3 passes of 2, 2, 1 rows
-        ([1, 2, 3, 4, 5], 1, 2, [[[4, 3], [2, 1], [0]]]),
+        ([1, 2, 3, 4, 5], 1, 2, None, [[[[4], [3]], [[2], [1]], [[0]]]]),
+        # packed segments into rows of 10 positions, first fit by decreasing length:
+        # rows [6, 4], [5, 3, 2] -> one pass of two rows
+        ([2, 6, 3, 5, 4], 1, 2, 10, [[[[1, 4], [3, 2, 0]]]]),
+        # two ranks: rank 0 gets 6, 4, 2 (units 1, 4, 0) -> rows [6, 4], [2]; rank 1 gets 5, 3 -> [5, 3]
+        # at one row per pass: rank 0 needs 2 passes, so rank 1 gets an empty one
+        ([2, 6, 3, 5, 4], 2, 1, 10, [[[[1, 4]], [[0]]], [[[3, 2]], []]]),
     ],
 )
-def test_plan_passes_deals_rows_by_length_and_gives_every_rank_the_same_pass_count(
-    lengths, world, rows_per_pass, expected
+def test_plan_passes_deals_units_by_length_and_gives_every_rank_the_same_pass_count(
+    lengths, world, rows_per_pass, capacity, expected
 ):
-    assert [plan_passes(lengths, world, rank, rows_per_pass) for rank in range(world)] == expected
+    assert [plan_passes(lengths, world, rank, rows_per_pass, capacity) for rank in range(world)] == expected
+
+
+def test_packed_rows_select_and_train_as_their_unpacked_samples_in_fewer_rows(tmp_path):
+    """Packed rows (position_ids resets, no attention mask: TRL's padding-free format): the step's
+    segments are triaged as samples, and the kept ones are packed into as few rows as they fill."""
+    from test_trainer import _packed
+
+    rows = random_batch(batch=8, length=16, seed=36)
+    config = {"sample_keep_ratio": 0.25, "token_keep_ratio": 0.5}
+    unpacked, unpacked_rec, _ = train(tmp_path / "unpacked", rows, 8, 1, **config)
+
+    packed_rows = _packed(rows, [[0, 1, 2], [3, 4], [5, 6, 7]])
+    model = tiny_llama()
+    args = TrainingArguments(output_dir=str(tmp_path / "packed"), per_device_train_batch_size=1,
+                             gradient_accumulation_steps=3, max_steps=1, learning_rate=0.0, max_grad_norm=0.0,
+                             logging_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    recorder = Recorder(model)
+    packed = InOrderTrainer(model=model, args=args, train_dataset=Rows(packed_rows), callbacks=[recorder],
+                            qtuning_config=QTuningConfig(triage_scope="step", **config))
+    packed.args.sample_packing = True
+    recorder.trainer = packed
+    packed.train()
+
+    reference, selection = unpacked_rec.selections[0], recorder.selections[0]
+    samples = ~torch.isnan(selection.ppl)  # the padding tails are segments without targets
+    assert int(samples.sum()) == 8
+    assert torch.equal(selection.sample_mask[samples], reference.sample_mask)
+    assert losses(packed)[0] == pytest.approx(losses(unpacked)[0], rel=1e-5)
+    for name, grad in unpacked_rec.grads[0].items():
+        torch.testing.assert_close(recorder.grads[0][name], grad, atol=1e-6, rtol=1e-4)
+    # Both kept segments (at most 16 positions each) fit one packed row: one pass of one row.
+    assert recorder.forwards_with_grad == [1]
