@@ -1,5 +1,6 @@
-"""End to end: `axolotl train` at the consumer-GPU shape (micro_batch_size 1 x gradient accumulation 8)
-with `triage_scope: step`: one triage per optimizer step over its 8 samples, redone here from SPEC."""
+"""End to end: `axolotl train` with `triage_scope: step`, one triage per optimizer step redone here
+from SPEC: at the consumer-GPU shape (micro_batch_size 1 x gradient accumulation 8), and with
+sample packing (the packed segments are the samples)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,17 @@ SAMPLE_KEEP, TOKEN_KEEP = 0.25, 0.5
 
 
 @pytest.fixture(scope="module")
-def step_run(tmp_path_factory):
+def tiny_model(tmp_path_factory):
     from qtuning_plugin.tiny import build_tiny_model
 
-    model = build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def step_run(tiny_model, tmp_path_factory):
     config = tiny_config(
         tmp_path_factory.mktemp("step-scope"),
-        model,
+        tiny_model,
         steps=STEPS,
         plugins=PROBE,
         micro_batch_size=1,
@@ -43,12 +48,27 @@ def test_every_step_keeps_a_quarter_of_its_samples_in_two_passes(step_run):
     assert all(math.isfinite(entry["loss"]) for entry in logs)
 
 
-def test_each_step_selection_matches_spec(step_run):
-    check_finished(step_run)
-    selections = step_run.probe()["selections"]
-    assert len(selections) == STEPS  # one triage per optimizer step
+@pytest.fixture(scope="module")
+def packed_run(tiny_model, tmp_path_factory):
+    config = tiny_config(
+        tmp_path_factory.mktemp("step-scope-packed"),
+        tiny_model,
+        steps=4,
+        plugins=PROBE,
+        sample_packing=True,
+        eval_sample_packing=False,
+        micro_batch_size=2,
+        gradient_accumulation_steps=4,
+        qtuning={"sample_keep_ratio": SAMPLE_KEEP, "token_keep_ratio": TOKEN_KEEP},
+    )
+    return run_axolotl_train(config)
+
+
+def check_selections_match_spec(run, steps: int) -> None:
+    """Redo each step's triage and token budget from the recorded per-sample statistics."""
+    selections = run.probe()["selections"]
+    assert len(selections) == steps  # one triage per optimizer step
     for step, record in enumerate(selections, start=1):
-        assert len(record["keep"]) == ACCUMULATION
         trainable = torch.tensor(record["trainable"])
         valid = trainable > 0
         keep, q2 = reference_triage(torch.tensor(record["ppl"], dtype=torch.float64)[valid],
@@ -58,3 +78,22 @@ def test_each_step_selection_matches_spec(step_run):
         for i, length in enumerate(record["trainable"]):
             expected = 0 if not record["keep"][i] else max(1, math.floor(TOKEN_KEEP * length)) if record["q2"][i] else length
             assert record["kept_tokens"][i] == expected, (step, i)
+
+
+def test_each_step_selection_matches_spec(step_run):
+    check_finished(step_run)
+    check_selections_match_spec(step_run, STEPS)
+    assert all(len(record["keep"]) == ACCUMULATION for record in step_run.probe()["selections"])
+
+
+def test_packed_segments_are_triaged_per_step_and_trained_in_fewer_passes(packed_run):
+    check_finished(packed_run)
+    batch = packed_run.probe()["batch"]
+    assert "position_ids" in batch["keys"]  # really packed
+    check_selections_match_spec(packed_run, 4)
+    for record, entry in zip(packed_run.probe()["selections"], packed_run.train_logs()):
+        samples = sum(1 for count in record["trainable"] if count > 0)
+        assert samples > 2 * 4  # more segments than rows: packing put several samples in a row
+        assert entry["qtuning/kept_sample_frac"] == pytest.approx(sum(record["keep"]) / samples)
+        assert entry["qtuning/training_passes"] < 4  # kept segments repacked: fewer passes than micro-batches
+        assert math.isfinite(entry["loss"])

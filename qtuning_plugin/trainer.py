@@ -130,24 +130,23 @@ class QTuningTrainerMixin:
 
     def _warn_if_triage_batch_is_small(self) -> None:
         args = self.args
-        step = self.qtuning_config.triage_scope == "step"
-        accumulation = args.gradient_accumulation_steps if step else 1
-        samples = args.per_device_train_batch_size * accumulation * args.world_size
-        if samples < MIN_TRIAGE_BATCH:
-            settings = "micro_batch_size (per_device_train_batch_size) x " + (
-                "gradient_accumulation_steps x " if step else ""
+        if self.qtuning_config.triage_scope == "step":
+            samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            formula = (
+                f"micro_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
+                f"{args.gradient_accumulation_steps} x world_size {args.world_size}"
             )
+        else:
+            samples = args.per_device_train_batch_size * args.world_size
+            formula = (
+                f"micro_batch_size {args.per_device_train_batch_size} x world_size {args.world_size}; "
+                "`triage_scope: step` triages the whole optimizer step"
+            )
+        if samples < MIN_TRIAGE_BATCH:
             LOG.warning(
-                "qtuning: each triage sees %d samples (%sworld_size = %d x %s%d); below %d, "
-                "sample_keep_ratio=%g cannot be honoured (at least one sample is kept per triage)%s",
-                samples,
-                settings,
-                args.per_device_train_batch_size,
-                f"{accumulation} x " if step else "",
-                args.world_size,
-                MIN_TRIAGE_BATCH,
-                self.qtuning_config.sample_keep_ratio,
-                "" if step else "; `triage_scope: step` triages the whole optimizer step",
+                "qtuning: each triage sees %d samples (%s); with fewer than %d, sample_keep_ratio=%g "
+                "cannot be honoured (a triage keeps at least one sample)",
+                samples, formula, MIN_TRIAGE_BATCH, self.qtuning_config.sample_keep_ratio,
             )
 
     # ------------------------------------------------------- step-scope triage

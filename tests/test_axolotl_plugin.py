@@ -120,13 +120,16 @@ def test_axolotl_validation_rejects_bad_values_naming_the_key(plugin_manager, se
     assert f"qtuning.{key}" in text and message in text, text
 
 
-def test_axolotl_validation_rejects_two_pass_with_packing(plugin_manager):
+def test_axolotl_validation_rejects_two_pass_with_packing_at_micro_batch_scope(plugin_manager):
     from axolotl.utils.config import validate_config
 
-    cfg = _tiny_cfg(scoring="two_pass")
+    cfg = _tiny_cfg(scoring="two_pass", triage_scope="micro_batch")
     cfg["sample_packing"] = True
     with pytest.raises(Exception, match="qtuning.scoring"):
         validate_config(cfg)
+    cfg = _tiny_cfg(scoring="two_pass")  # step scope scores packed rows in a pass of its own
+    cfg["sample_packing"] = True
+    assert validate_config(cfg).qtuning["triage_scope"] == "step"
 
 
 def test_llama3_example_passes_axolotl_validation_offline(plugin_manager):
