@@ -124,9 +124,10 @@ class QTuningTrainerMixin:
             if not from_args:  # Axolotl's plugin has logged it already, before the model loaded
                 LOG.info("Q-Tuning is active: %s", self.qtuning_config.describe())
             self._warn_if_triage_batch_is_small()
-            from qtuning_plugin.callbacks import QTuningPlotCallback
+            from qtuning_plugin.callbacks import QTuningPlotCallback, QTuningStateCallback
 
             self.add_callback(QTuningPlotCallback(self.qtuning_history, self.qtuning_config.plot_every_n_steps))
+            self.add_callback(QTuningStateCallback(self.qtuning_history))
 
     def _warn_if_triage_batch_is_small(self) -> None:
         args = self.args
@@ -408,13 +409,3 @@ class QTuningTrainerMixin:
             if not self.qtuning_history.load(str(checkpoint)):
                 LOG.warning("qtuning: %s has no qtuning_state.json; metrics and plots start afresh", checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """`Trainer._save_checkpoint`, plus ``qtuning_state.json`` (`QTuningHistory`) in the checkpoint."""
-        if self.qtuning_config.enabled and self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            self.qtuning_history.save(folder)
-        super()._save_checkpoint(model, trial)
