@@ -25,6 +25,7 @@ The build is deterministic: the same seed gives the same files.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 from importlib import resources
@@ -163,6 +164,11 @@ def build_tiny_model(output_dir: Union[str, pathlib.Path], *, seed: int = 0) -> 
     path = pathlib.Path(output_dir).expanduser().resolve()
     if is_built(path, seed=seed):
         return path
+    missing = [name for name in ("transformers", "tokenizers") if importlib.util.find_spec(name) is None]
+    if missing:  # before the folder is made: a failed build leaves nothing behind
+        raise ModuleNotFoundError(
+            f"building the tiny model needs {' and '.join(missing)}: pip install 'qtuning-plugin[hf]'"
+        )
     path.mkdir(parents=True, exist_ok=True)
     (path / MARKER).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
 
@@ -182,7 +188,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("output_dir", help="folder to write the model into (e.g. examples/tiny-model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
     args = parser.parse_args(argv)
-    path = build_tiny_model(args.output_dir, seed=args.seed)
+    try:
+        path = build_tiny_model(args.output_dir, seed=args.seed)
+    except ModuleNotFoundError as error:
+        parser.exit(1, f"qtuning-build-tiny: {error}\n")
     print(f"tiny model and tokenizer saved to {path}")
 
 
