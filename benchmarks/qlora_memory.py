@@ -175,6 +175,8 @@ def prepare_model(model_dir: str, layers: int, tiny: bool, probe_device: str | N
 def load_model(path: Path, device: str, quantization: str):
     """The model as Axolotl loads it with examples/llama3-qtuning.yml: `adapter: qlora` for
     ``quantization="nf4"``, or the same settings as bf16 `adapter: lora` for ``"none"``."""
+    if quantization == "none":  # unused, and maybe broken (why we are here): transformers and peft must see none
+        sys.modules.setdefault("bitsandbytes", None)
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
