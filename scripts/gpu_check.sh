@@ -17,6 +17,10 @@ SITE="${QTUNING_WHEEL_SITE:-/tmp/site}"
 
 smoke=0
 for arg in "$@"; do [ "$arg" = "--smoke" ] && smoke=1; done
+if [ "$smoke" = 0 ] && ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "gpu_check: no NVIDIA GPU here (nvidia-smi -L fails); --smoke runs the check on CPU at toy shapes" >&2
+  exit 1
+fi
 if [ "$smoke" = 0 ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
   echo "gpu_check: installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE"
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
