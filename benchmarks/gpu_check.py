@@ -53,7 +53,7 @@ REPORT, MARKDOWN = "gpu_check.json", "gpu_check.md"
 DEFAULT_OUT = ROOT / "benchmarks" / "gpu"
 STAGES = ("parity", "step", "qlora")
 EXAMPLE = ROOT / "examples" / "llama3-qtuning.yml"
-COMPARISON_ROWS = 8  # the README's CPU-derived QLoRA figures are for micro-batches of 4 and 8 rows
+COMPARISON_ROWS = 8  # the README's CPU-derived QLoRA estimate is for micro-batches of 8 rows
 PACKAGES = ("torch", "triton", "liger-kernel", "nvidia-cutlass-dsl", "bitsandbytes", "transformers", "peft",
             "accelerate", "pydantic")
 GiB, MiB = 2**30, 2**20
@@ -78,13 +78,12 @@ def environment(smoke: bool) -> dict:
             gpu = dict(zip(query.split(","), (field.strip() for field in line.split(","))))
         except (OSError, subprocess.CalledProcessError, IndexError) as error:
             gpu = {"error": f"nvidia-smi: {error}"}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return {
-        "python": platform.python_version(),
-        "packages": versions,
-        "gpu": gpu,
-        "commit": commit.stdout.strip() or None,
-    }
+    try:  # the device machine's copy of the working tree may come without git or .git
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"python": platform.python_version(), "packages": versions, "gpu": gpu, "commit": commit}
 
 
 def run_logged(command: list[str], log: Path, env: Optional[dict] = None) -> int:
