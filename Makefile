@@ -24,3 +24,9 @@ demo: setup
 bench: setup
 	.venv/bin/python benchmarks/ops_bench.py
 	.venv/bin/python benchmarks/step_cost.py
+
+# make gpu-check : on a CUDA machine, install the wheels in .whl/ (scripts/gpu_wheels.sh) and run
+# the GPU check, STAGES="parity step qlora" by default (benchmarks/gpu/README.md)
+.PHONY: gpu-check
+gpu-check:
+	bash scripts/gpu_check.sh $(STAGES)

@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny Llama with LoRA, built in-process (no hub, no files)."""
+"""Shared fixtures: a tiny Llama with LoRA, built in-process (no hub, no files); the ``cuda`` marker.
+
+Tests marked ``cuda`` run on a CUDA device and skip without one. With ``QTUNING_REQUIRE_CUDA=1``
+in the environment (the GPU check, `benchmarks/gpu_check.py`) such a skip is a failure instead:
+on the GPU machine every CUDA test must really run.
+"""
 
 import os
 
@@ -10,6 +15,34 @@ import torch
 from torch.utils.data import Dataset
 
 VOCAB = 101
+REQUIRE_CUDA_ENV = "QTUNING_REQUIRE_CUDA"
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")], id="cuda"
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"cuda: runs on a CUDA device; with {REQUIRE_CUDA_ENV}=1 a skip of it is a failure"
+    )
+    config.addinivalue_line(
+        "markers", "cutedsl: needs liger-kernel's optional cutedsl extra (Liger's sm90 CuTe DSL kernels)"
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if (
+        os.environ.get(REQUIRE_CUDA_ENV) == "1"
+        and report.skipped
+        and not hasattr(report, "wasxfail")
+        and item.get_closest_marker("cuda") is not None
+    ):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_CUDA_ENV}=1: this CUDA test must run here, but it skipped: {reason}"
 
 
 def tiny_llama(seed: int = 0, lora: bool = True):

@@ -5,7 +5,8 @@ Parity tests (``test_parity_*``) compare every Triton/Liger path with
 `qtuning_plugin.ops.torch_chunked`: values and gradients, float32 and bfloat16, a vocabulary
 that is not a multiple of the kernel block, ignored targets. They run
 
-* on CUDA, in this process, whenever a GPU is available;
+* on CUDA, in this process, whenever a GPU is available (marked ``cuda``: under
+  ``QTUNING_REQUIRE_CUDA=1`` a skip is a failure, see ``conftest.py``);
 * on CPU under the Triton interpreter, in a child pytest process running this module, started
   by `test_parity_under_triton_interpreter` with ``TRITON_INTERPRET=1`` in its environment. The
   interpreter must be on before any ``@triton.jit`` kernel is defined, and pytest imports every
@@ -48,7 +49,10 @@ DEVICES = [
     ),
     pytest.param(
         "cuda",
-        marks=pytest.mark.skipif(not HAS_CUDA or IN_CHILD, reason="needs CUDA (and no Triton interpreter)"),
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not HAS_CUDA or IN_CHILD, reason="needs CUDA (and no Triton interpreter)"),
+        ],
     ),
 ]
 # The child runs this whole module: tests that import liger-kernel on CPU run there only (one
@@ -160,6 +164,7 @@ def test_auto_picks_liger_where_it_can_run(monkeypatch, caplog):
     assert "statistics via" in caplog.text
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_auto_on_cuda_picks_liger_when_installed():
     expected = "liger" if liger_problem("cuda") is None else "torch"
@@ -336,6 +341,8 @@ def test_liger_token_stats_glue_for_scaled_ce(monkeypatch):
     assert _FakeScaledCE.calls == [int((targets != -100).sum())] and not ignored[0].any()
 
 
+@pytest.mark.cuda
+@pytest.mark.cutedsl
 @pytest.mark.skipif(IN_CHILD or not HAS_CUDA, reason="needs CUDA")
 def test_parity_liger_scaled_ce_on_hopper(liger_ops):
     """Liger >= 0.8.2's fused scaled cross-entropy (sm90, bf16, no bias) against the torch op."""
@@ -488,5 +495,6 @@ def test_gpu_step_benchmark_cpu_paths(capsys, monkeypatch):
     assert gpu_step.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["baseline"] == "full/torch"  # no interpreter here: the liger arms are skipped
-    assert set(summary["step_time_ratio"]) == {"full/torch", "0.25x0.5/torch", "0.125x0.5/torch"}
-    assert all("skipped" in summary["results"][f"{arm}/liger"] for arm in ("full", "0.25x0.5", "0.125x0.5"))
+    assert set(summary["step_time_ratio"]) == {"full/torch", "0.25x0.5/torch", "0.125x0.5/torch", "0.5x0.7/torch"}
+    assert all("skipped" in summary["results"][f"{arm}/liger"] for arm in ("full", "0.25x0.5", "0.125x0.5", "0.5x0.7"))
+    assert "skipped" in summary["stats_pass"]["liger"] and summary["stats_pass"]["torch"]["time_ratio"] > 0

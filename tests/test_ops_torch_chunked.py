@@ -11,6 +11,9 @@ Tolerances:
   ``rtol = 2e-2`` on reduced losses), and gradients within ``2e-2 * max|reference|``. Observed bf16
   errors are about 3x below these bounds.
 * logits in the hundreds (stability check): ``atol = 1e-3``, the float32 rounding of such logits.
+
+The parity tests run on CPU and, marked ``cuda``, on a CUDA device (skipped without one; a failure
+instead under ``QTUNING_REQUIRE_CUDA=1``, see ``conftest.py``).
 """
 
 from __future__ import annotations
@@ -21,26 +24,29 @@ import torch.nn.functional as F
 
 from qtuning_plugin.ops import default_chunk_size, linear_cross_entropy, token_stats
 
+from conftest import CUDA
+
 IGNORE = -100
 FP32_TOL = {"atol": 1e-5, "rtol": 1e-5}
 HALF_STATS_ATOL = 2e-2
 HALF_GRAD_RTOL = 2e-2
 REDUCTIONS = ("sum", "mean", "none")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEVICES = ("cpu", CUDA)
 
 
-def make_inputs(n=13, h=16, v=37, dtype=torch.float32, bias=True, ignored=(2, 7), seed=0):
-    """``hidden [n, h]``, ``weight [v, h]``, ``bias [v]`` (or None), ``targets [n]`` with some ignored.
+def make_inputs(n=13, h=16, v=37, dtype=torch.float32, bias=True, ignored=(2, 7), seed=0, device="cpu"):
+    """``hidden [n, h]``, ``weight [v, h]``, ``bias [v]`` (or None), ``targets [n]`` with some ignored, on ``device``.
 
     Logits are O(1) (weight scaled by ``h**-0.5``) so that the softmax is neither flat nor one-hot.
     """
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=gen).to(dtype)
-    weight = (torch.randn(v, h, generator=gen) * h**-0.5).to(dtype)
-    b = (torch.randn(v, generator=gen) * 0.5).to(dtype) if bias else None
+    hidden = torch.randn(n, h, generator=gen).to(device, dtype)
+    weight = (torch.randn(v, h, generator=gen) * h**-0.5).to(device, dtype)
+    b = (torch.randn(v, generator=gen) * 0.5).to(device, dtype) if bias else None
     targets = torch.randint(0, v, (n,), generator=gen)
     targets[[i for i in ignored if i < n]] = IGNORE
-    return hidden, weight, b, targets
+    return hidden, weight, b, targets.to(device)
 
 
 def reference_logits(hidden, weight, bias):
@@ -77,11 +83,12 @@ def assert_close(actual, expected, dtype, *, stat=False, grad=False):
         torch.testing.assert_close(actual, expected, rtol=HALF_GRAD_RTOL, atol=HALF_STATS_ATOL)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("chunk_size", [5, 1, None])
-def test_token_stats_matches_reference(dtype, bias, chunk_size):
-    hidden, weight, b, targets = make_inputs(dtype=dtype, bias=bias)
+def test_token_stats_matches_reference(device, dtype, bias, chunk_size):
+    hidden, weight, b, targets = make_inputs(dtype=dtype, bias=bias, device=device)
     nll, entropy = token_stats(hidden, weight, targets, bias=b, ignore_index=IGNORE, chunk_size=chunk_size)
     ref_nll, ref_entropy = reference_stats(hidden, weight, b, targets)
     assert nll.dtype == entropy.dtype == torch.float32 and nll.shape == entropy.shape == (13,)
@@ -91,8 +98,9 @@ def test_token_stats_matches_reference(dtype, bias, chunk_size):
     assert (nll[ignored] == 0).all() and (entropy[ignored] == 0).all()
 
 
-def test_token_stats_large_logits_are_stable():
-    hidden, weight, b, targets = make_inputs()
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_stats_large_logits_are_stable(device):
+    hidden, weight, b, targets = make_inputs(device=device)
     hidden = hidden * 300  # logits in the hundreds: exp would overflow without the max shift
     nll, entropy = token_stats(hidden, weight, targets, bias=b, chunk_size=4)
     ref_nll, ref_entropy = reference_stats(hidden, weight, b, targets)
@@ -100,20 +108,22 @@ def test_token_stats_large_logits_are_stable():
     torch.testing.assert_close(entropy.double(), ref_entropy, atol=1e-3, rtol=1e-5)
 
 
-def test_token_stats_records_no_graph():
-    hidden, weight, b, targets = make_inputs()
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_stats_records_no_graph(device):
+    hidden, weight, b, targets = make_inputs(device=device)
     nll, entropy = token_stats(hidden.requires_grad_(), weight.requires_grad_(), targets, bias=b.requires_grad_())
     assert not nll.requires_grad and not entropy.requires_grad
     assert nll.grad_fn is None and entropy.grad_fn is None
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("chunk_size", [5, 1, None])
-def test_linear_cross_entropy_matches_reference(reduction, dtype, bias, chunk_size):
-    hidden, weight, b, targets = make_inputs(dtype=dtype, bias=bias)
-    grad_out = torch.randn(13, generator=torch.Generator().manual_seed(1)) if reduction == "none" else None
+def test_linear_cross_entropy_matches_reference(device, reduction, dtype, bias, chunk_size):
+    hidden, weight, b, targets = make_inputs(dtype=dtype, bias=bias, device=device)
+    grad_out = torch.randn(13, generator=torch.Generator().manual_seed(1)).to(device) if reduction == "none" else None
     ref_loss, ref_grads = reference_loss_and_grads(hidden, weight, b, targets, reduction, grad_out)
 
     hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
@@ -130,9 +140,10 @@ def test_linear_cross_entropy_matches_reference(reduction, dtype, bias, chunk_si
             assert_close(leaf.grad, ref, dtype, grad=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_all_targets_ignored(reduction):
-    hidden, weight, b, targets = make_inputs(ignored=range(13))
+def test_all_targets_ignored(device, reduction):
+    hidden, weight, b, targets = make_inputs(ignored=range(13), device=device)
     leaves = [t.requires_grad_() for t in (hidden, weight, b)]
     loss = linear_cross_entropy(hidden, weight, targets, bias=b, reduction=reduction, chunk_size=5)
     assert torch.equal(loss, torch.zeros_like(loss))
@@ -140,12 +151,14 @@ def test_all_targets_ignored(reduction):
     for leaf in leaves:
         assert torch.equal(leaf.grad, torch.zeros_like(leaf))
     nll, entropy = token_stats(hidden, weight, targets, bias=b)
-    assert torch.equal(nll, torch.zeros(13)) and torch.equal(entropy, torch.zeros(13))
+    zeros = torch.zeros(13, device=device)
+    assert torch.equal(nll, zeros) and torch.equal(entropy, zeros)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_single_token(reduction):
-    hidden, weight, b, targets = make_inputs(n=1, ignored=())
+def test_single_token(device, reduction):
+    hidden, weight, b, targets = make_inputs(n=1, ignored=(), device=device)
     ref_loss, ref_grads = reference_loss_and_grads(hidden, weight, b, targets, reduction)
     leaves = [t.requires_grad_() for t in (hidden, weight, b)]
     loss = linear_cross_entropy(hidden, weight, targets, bias=b, reduction=reduction)
@@ -159,11 +172,12 @@ def test_single_token(reduction):
     torch.testing.assert_close(entropy.double(), ref_entropy, **FP32_TOL)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("trainable", ["hidden", "weight"])
-def test_partial_requires_grad(reduction, trainable):
+def test_partial_requires_grad(device, reduction, trainable):
     """Frozen LM head (LoRA) or frozen hidden states: only the trainable input gets a gradient."""
-    hidden, weight, b, targets = make_inputs()
+    hidden, weight, b, targets = make_inputs(device=device)
     ref_loss, (ref_hidden, ref_weight, _) = reference_loss_and_grads(hidden, weight, b, targets, reduction)
     leaf = (hidden if trainable == "hidden" else weight).requires_grad_()
     loss = linear_cross_entropy(hidden, weight, targets, bias=b, reduction=reduction, chunk_size=4)
@@ -172,8 +186,9 @@ def test_partial_requires_grad(reduction, trainable):
     assert (weight if trainable == "hidden" else hidden).grad is None and b.grad is None
 
 
-def test_linear_cross_entropy_without_grad():
-    hidden, weight, b, targets = make_inputs()
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_without_grad(device):
+    hidden, weight, b, targets = make_inputs(device=device)
     for leaf in (hidden, weight, b):
         leaf.requires_grad_()
     with torch.no_grad():
