@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from axolotl.integrations.base import BasePlugin
 
 from qtuning_plugin._logging import LOG
@@ -21,13 +23,31 @@ class QTuningPlugin(BasePlugin):
     ```
     """
 
-    def get_input_args(self) -> str:
-        return "qtuning_plugin.axolotl.args.QTuningArgs"
+    def is_first_instance(self) -> bool:
+        """Whether this is the first `QTuningPlugin` in Axolotl's plugin manager (or none is there).
 
-    def get_training_args_mixin(self) -> str:
-        return "qtuning_plugin.axolotl.args.QTuningTrainingArgsMixin"
+        Axolotl keys plugins by name, and one class can be named two ways
+        (`qtuning_plugin.QTuningPlugin`, `qtuning_plugin.axolotl.plugin.QTuningPlugin`;
+        Axolotl >= 0.21 also loads the entry point without any `plugins:` line): each name
+        gets its own instance. Only the first contributes the args model, the training-args
+        mixin, the trainer and the hooks; a second `QTuningArgs` base would make Axolotl's
+        schema merge fail with "duplicate base class".
+        """
+        from axolotl.integrations.base import PluginManager
+
+        registered = [plugin for plugin in PluginManager().plugins.values() if isinstance(plugin, QTuningPlugin)]
+        return not registered or registered[0] is self
+
+    def get_input_args(self) -> Optional[str]:
+        return "qtuning_plugin.axolotl.args.QTuningArgs" if self.is_first_instance() else None
+
+    def get_training_args_mixin(self) -> Optional[str]:
+        return "qtuning_plugin.axolotl.args.QTuningTrainingArgsMixin" if self.is_first_instance() else None
 
     def pre_model_load(self, cfg) -> None:
+        if not self.is_first_instance():
+            LOG.debug("Q-Tuning plugin registered under a second name: this instance stays inactive")
+            return
         section = qtuning_section(cfg)
         if section is None:
             LOG.info("Q-Tuning plugin loaded but not enabled (no `qtuning:` section, or `enabled: false`)")
@@ -35,11 +55,11 @@ class QTuningPlugin(BasePlugin):
             LOG.info("Q-Tuning is active: %s", QTuningConfig.model_validate(section).describe())
 
     def get_training_args(self, cfg) -> dict:
-        section = qtuning_section(cfg)
+        section = qtuning_section(cfg) if self.is_first_instance() else None
         return {"qtuning": section} if section is not None else {}
 
     def get_trainer_cls(self, cfg):
-        if qtuning_section(cfg) is None:
+        if not self.is_first_instance() or qtuning_section(cfg) is None:
             return None
         from qtuning_plugin.axolotl.trainer import AxolotlQTuningTrainer
 
