@@ -108,6 +108,7 @@ build_root() {
   local mirror partial="$ROOT.partial"
   command -v debootstrap >/dev/null || {
     log "installing debootstrap"
+    export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -q debootstrap >/dev/null || { apt-get update -q && apt-get install -y -q debootstrap; }
   }
   mirror="$(debian_mirror)"

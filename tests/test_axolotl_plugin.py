@@ -46,6 +46,19 @@ def test_plugin_entry_point_loads_the_plugin():
     assert issubclass(QTuningPlugin, BasePlugin)
 
 
+def test_installing_the_package_changes_no_pin_of_this_environment():
+    """`pip install qtuning-plugin[axolotl,liger,plots]` where Axolotl (0.19 or 0.21) is installed adds
+    this package and nothing else: no Axolotl, transformers, peft or trl up- or downgrade."""
+    import qtuning_plugin
+
+    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-build-isolation", "--no-index"]
+    command += ["--quiet", "--report", "-", f"{REPO}[axolotl,liger,plots]"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    installs = [(item["metadata"]["name"], item["metadata"]["version"]) for item in json.loads(proc.stdout)["install"]]
+    assert installs == [("qtuning-plugin", qtuning_plugin.__version__)]
+
+
 @pytest.fixture
 def empty_plugin_manager():
     """Axolotl's PluginManager singleton with no plugin registered; restored afterwards."""
@@ -88,7 +101,7 @@ def test_each_way_of_naming_the_plugin_contributes_once(empty_plugin_manager, pl
     # one instance per name Axolotl registered; the entry point's name is the config name
     names = set(plugins or []) | ({CONFIG_NAME} if LOADS_ENTRY_POINTS else set())
     assert len(instances) == len(names)
-    assert [plugin.is_first_instance() for plugin in instances] == [True] + [False] * (len(instances) - 1)
+    assert [plugin.is_duplicate() for plugin in instances] == [False] + [True] * (len(instances) - 1)
     assert manager.get_input_args().count("qtuning_plugin.axolotl.args.QTuningArgs") == 1
     assert manager.get_training_args_mixin().count("qtuning_plugin.axolotl.args.QTuningTrainingArgsMixin") == 1
     validated = validate_config(cfg)  # merging QTuningArgs twice would fail: "duplicate base class"

@@ -23,8 +23,8 @@ class QTuningPlugin(BasePlugin):
     ```
     """
 
-    def is_first_instance(self) -> bool:
-        """Whether this is the first `QTuningPlugin` in Axolotl's plugin manager (or none is there).
+    def is_duplicate(self) -> bool:
+        """Whether Axolotl's plugin manager holds another `QTuningPlugin` registered before this one.
 
         Axolotl keys plugins by name, and one class can be named two ways
         (`qtuning_plugin.QTuningPlugin`, `qtuning_plugin.axolotl.plugin.QTuningPlugin`;
@@ -36,16 +36,16 @@ class QTuningPlugin(BasePlugin):
         from axolotl.integrations.base import PluginManager
 
         registered = [plugin for plugin in PluginManager().plugins.values() if isinstance(plugin, QTuningPlugin)]
-        return not registered or registered[0] is self
+        return any(plugin is self for plugin in registered[1:])
 
     def get_input_args(self) -> Optional[str]:
-        return "qtuning_plugin.axolotl.args.QTuningArgs" if self.is_first_instance() else None
+        return None if self.is_duplicate() else "qtuning_plugin.axolotl.args.QTuningArgs"
 
     def get_training_args_mixin(self) -> Optional[str]:
-        return "qtuning_plugin.axolotl.args.QTuningTrainingArgsMixin" if self.is_first_instance() else None
+        return None if self.is_duplicate() else "qtuning_plugin.axolotl.args.QTuningTrainingArgsMixin"
 
     def pre_model_load(self, cfg) -> None:
-        if not self.is_first_instance():
+        if self.is_duplicate():
             LOG.debug("Q-Tuning plugin registered under a second name: this instance stays inactive")
             return
         section = qtuning_section(cfg)
@@ -55,11 +55,11 @@ class QTuningPlugin(BasePlugin):
             LOG.info("Q-Tuning is active: %s", QTuningConfig.model_validate(section).describe())
 
     def get_training_args(self, cfg) -> dict:
-        section = qtuning_section(cfg) if self.is_first_instance() else None
+        section = None if self.is_duplicate() else qtuning_section(cfg)
         return {"qtuning": section} if section is not None else {}
 
     def get_trainer_cls(self, cfg):
-        if not self.is_first_instance() or qtuning_section(cfg) is None:
+        if self.is_duplicate() or qtuning_section(cfg) is None:
             return None
         from qtuning_plugin.axolotl.trainer import AxolotlQTuningTrainer
 
