@@ -306,6 +306,7 @@ def test_plugins_entry_that_cannot_be_imported(tmp_path):
     assert run.returncode != 0
     assert "No module named 'qtuning_plugin_not_installed'" in run.output, run.tail()
     if LOADS_ENTRY_POINTS:
+        assert "Could not load required plugin 'qtuning_plugin_not_installed.QTuningPlugin'" in run.output
         assert str(missing_model) not in run.output, run.tail()
     else:
         assert "Failed to load plugin: qtuning_plugin_not_installed.QTuningPlugin" in run.output

@@ -14,6 +14,9 @@ from qtuning_plugin.config import QTuningConfig
 class QTuningPlugin(BasePlugin):
     """Q-Tuning for Axolotl. Does nothing unless a `qtuning:` section enables it.
 
+    Axolotl >= 0.21 loads it through the `axolotl.plugins` entry point; 0.19 needs the
+    `plugins:` line.
+
     ```yaml
     plugins:
       - qtuning_plugin.QTuningPlugin
