@@ -1,6 +1,8 @@
 # make test : set up .venv (cached per pyproject.toml) and run the whole test suite
+# make test-latest : the same suite on the newest Axolotl (0.21.0, Python 3.13), in the Debian
+#                    trixie root of scripts/latest-env.sh (built and cached on first use; needs root)
 # make demo : set up .venv and train the tiny CPU example end to end with `axolotl train`
-.PHONY: setup test test-fast demo bench
+.PHONY: setup test test-latest test-fast demo bench
 
 export HF_HUB_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
@@ -13,6 +15,9 @@ setup:
 
 test: setup
 	.venv/bin/python -m pytest -q tests integration_tests
+
+test-latest:
+	bash scripts/latest-env.sh run python -m pytest -q tests integration_tests
 
 test-fast: setup
 	.venv/bin/python -m pytest -q tests

@@ -10,13 +10,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import axolotl
 import pytest
 import torch
+from packaging.version import Version
 from safetensors.torch import load_file
 
 from axolotl_run import Run, run_axolotl_train, tiny_config
 
 pytestmark = pytest.mark.integration
+
+# Of the tested releases (0.19, 0.21), 0.21 is the first that loads every `axolotl.plugins`
+# entry point on each run, and stops on a `plugins:` entry it cannot import.
+LOADS_ENTRY_POINTS = Version(axolotl.__version__) >= Version("0.21")
 
 STEPS = 12
 MICRO_BATCH = 8
@@ -112,6 +118,35 @@ def test_qtuning_trains_and_saves_adapter(qtuning_run):
     weights = load_file(str(qtuning_run.output_dir / "adapter_model.safetensors"))
     lora_b = {name: w for name, w in weights.items() if "lora_B" in name}
     assert lora_b and all(float(w.abs().max()) > 0 for w in lora_b.values()), sorted(lora_b)
+
+
+def check_active_once(run: Run, steps: int) -> None:
+    """One "Q-Tuning is active" line, and one set of `qtuning/` metrics per logging step (logging_steps 1)."""
+    check_finished(run)
+    assert run.output.count("Q-Tuning is active") == 1, run.tail()
+    with_metrics = [entry for entry in run.trainer_state()["log_history"] if any(k.startswith("qtuning/") for k in entry)]
+    assert with_metrics == run.train_logs() and len(with_metrics) == steps, with_metrics
+
+
+def test_plugin_named_as_in_the_readme_is_active_once(qtuning_run):
+    check_active_once(qtuning_run, STEPS)
+
+
+@pytest.mark.parametrize(
+    "plugins", [["qtuning_plugin.axolotl.plugin.QTuningPlugin"], None], ids=["module-name", "no-plugins-line"]
+)
+def test_other_ways_of_naming_the_plugin(tiny_model, tmp_path, plugins):
+    """The README's name is `qtuning_run`'s; here the class's module path, and no `plugins:` line."""
+    steps = 3
+    config = tiny_config(tmp_path, tiny_model, steps=steps, plugins=plugins, val_set_size=0, eval_steps=None)
+    run = run_axolotl_train(config)
+    if plugins is None and not LOADS_ENTRY_POINTS:
+        # 0.19 loads no plugin without the line and ignores `qtuning:`: plain SFT (the README warns)
+        check_finished(run)
+        assert "Q-Tuning is active" not in run.output
+        assert not [key for entry in run.trainer_state()["log_history"] for key in entry if key.startswith("qtuning/")]
+        return
+    check_active_once(run, steps)
 
 
 def test_qtuning_loss_is_finite_and_falls(qtuning_run):
@@ -237,6 +272,7 @@ def test_qlora_trains_with_4bit_layers(tiny_model, tmp_path):
     check_selections_match_spec(run)
 
 
+@pytest.mark.parametrize("plugins_line", [True, False], ids=["plugins-line", "no-plugins-line"])
 @pytest.mark.parametrize(
     "section, key, message",
     [
@@ -245,13 +281,33 @@ def test_qlora_trains_with_4bit_layers(tiny_model, tmp_path):
     ],
     ids=["out-of-range", "unknown-key"],
 )
-def test_bad_qtuning_section_fails_before_model_load(tmp_path, section, key, message):
+def test_bad_qtuning_section_fails_before_model_load(tmp_path, section, key, message, plugins_line):
     missing_model = tmp_path / "no-such-model"  # reaching the model loader would fail differently
-    config = tiny_config(tmp_path, missing_model, steps=STEPS, qtuning=section)
+    overrides = {} if plugins_line else {"plugins": None}
+    config = tiny_config(tmp_path, missing_model, steps=STEPS, qtuning=section, **overrides)
     run = run_axolotl_train(config, timeout=300)
     assert run.returncode != 0
+    if not plugins_line and not LOADS_ENTRY_POINTS:
+        # 0.19 without the line: `qtuning:` is an ignored key, and the run goes on to the model loader
+        assert key not in run.output and str(missing_model) in run.output, run.tail()
+        return
     assert "ValidationError" in run.output and key in run.output and message in run.output, run.tail()
     # it stopped in config validation: no plugin pre_model_load, no model loader, no mention of the model path
     assert "Q-Tuning is active" not in run.output
     assert "axolotl.loaders" not in run.output
     assert str(missing_model) not in run.output
+
+
+def test_plugins_entry_that_cannot_be_imported(tmp_path):
+    """What the README says: 0.21 stops before the model loads; 0.19 logs an error and goes on."""
+    missing_model = tmp_path / "no-such-model"
+    config = tiny_config(tmp_path, missing_model, steps=STEPS, plugins=["qtuning_plugin_not_installed.QTuningPlugin"])
+    run = run_axolotl_train(config, timeout=300)
+    assert run.returncode != 0
+    assert "No module named 'qtuning_plugin_not_installed'" in run.output, run.tail()
+    if LOADS_ENTRY_POINTS:
+        assert "Could not load required plugin 'qtuning_plugin_not_installed.QTuningPlugin'" in run.output
+        assert str(missing_model) not in run.output, run.tail()
+    else:
+        assert "Failed to load plugin: qtuning_plugin_not_installed.QTuningPlugin" in run.output
+        assert str(missing_model) in run.output, run.tail()

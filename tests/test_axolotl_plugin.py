@@ -13,9 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.importorskip("axolotl")
+axolotl = pytest.importorskip("axolotl")
+from packaging.version import Version  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# Of the tested releases (0.19, 0.21), 0.21 is the first that loads every `axolotl.plugins`
+# entry point on each run, and raises on a `plugins:` entry it cannot import.
+LOADS_ENTRY_POINTS = Version(axolotl.__version__) >= Version("0.21")
+CONFIG_NAME = "qtuning_plugin.QTuningPlugin"  # what the README tells users to write
+MODULE_NAME = "qtuning_plugin.axolotl.plugin.QTuningPlugin"  # where the class lives
 EXAMPLES = REPO / "examples"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -33,9 +39,89 @@ def test_plugin_entry_point_loads_the_plugin():
     from qtuning_plugin.axolotl.plugin import QTuningPlugin
 
     ep = _entry_point("axolotl.plugins", "qtuning")
-    assert ep.value == "qtuning_plugin.axolotl.plugin:QTuningPlugin"
+    # Axolotl >= 0.21 keys the entry point's plugin by "module.Class" of this value: it must be
+    # the name users write in `plugins:`, or that line loads a second instance
+    assert ep.value.replace(":", ".") == CONFIG_NAME
     assert ep.load() is QTuningPlugin
     assert issubclass(QTuningPlugin, BasePlugin)
+
+
+def test_installing_the_package_changes_no_pin_of_this_environment():
+    """`pip install qtuning-plugin[axolotl,liger,plots]` where Axolotl (0.19 or 0.21) is installed adds
+    this package and nothing else: no Axolotl, transformers, peft or trl up- or downgrade."""
+    import qtuning_plugin
+
+    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-build-isolation", "--no-index"]
+    command += ["--quiet", "--report", "-", f"{REPO}[axolotl,liger,plots]"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    installs = [(item["metadata"]["name"], item["metadata"]["version"]) for item in json.loads(proc.stdout)["install"]]
+    assert installs == [("qtuning-plugin", qtuning_plugin.__version__)]
+
+
+@pytest.fixture
+def empty_plugin_manager():
+    """Axolotl's PluginManager singleton with no plugin registered; restored afterwards."""
+    from axolotl.integrations.base import PluginManager
+
+    manager = PluginManager()
+    saved_plugins, saved_cfg = manager.plugins.copy(), manager._cfg
+    manager.plugins.clear()
+    yield manager
+    manager.plugins.clear()
+    manager.plugins.update(saved_plugins)
+    manager._cfg = saved_cfg
+
+
+@pytest.mark.parametrize(
+    "plugins",
+    [None, [CONFIG_NAME], [MODULE_NAME], [CONFIG_NAME, MODULE_NAME]],
+    ids=["no-plugins-line", "config-name", "module-name", "both-names"],
+)
+def test_each_way_of_naming_the_plugin_contributes_once(empty_plugin_manager, plugins):
+    """Axolotl's own plugin preparation and config validation, as `axolotl train` runs them."""
+    from axolotl.utils.config import prepare_plugins, validate_config
+
+    from qtuning_plugin.axolotl.plugin import QTuningPlugin
+    from qtuning_plugin.axolotl.trainer import AxolotlQTuningTrainer
+
+    cfg = _tiny_cfg(sample_keep_ratio=0.5)
+    if plugins is None:
+        del cfg["plugins"]
+    else:
+        cfg["plugins"] = plugins
+    prepare_plugins(cfg)
+    manager = empty_plugin_manager.get_instance()
+    instances = [plugin for plugin in manager.plugins.values() if isinstance(plugin, QTuningPlugin)]
+    if plugins is None and not LOADS_ENTRY_POINTS:
+        # 0.19 loads plugins from `plugins:` only, and drops the unknown `qtuning:` key
+        assert instances == []
+        assert "qtuning" not in validate_config(cfg)
+        return
+    # one instance per name Axolotl registered; the entry point's name is the config name
+    names = set(plugins or []) | ({CONFIG_NAME} if LOADS_ENTRY_POINTS else set())
+    assert len(instances) == len(names)
+    assert [plugin.is_duplicate() for plugin in instances] == [False] + [True] * (len(instances) - 1)
+    assert manager.get_input_args().count("qtuning_plugin.axolotl.args.QTuningArgs") == 1
+    assert manager.get_training_args_mixin().count("qtuning_plugin.axolotl.args.QTuningTrainingArgsMixin") == 1
+    validated = validate_config(cfg)  # merging QTuningArgs twice would fail: "duplicate base class"
+    assert validated.qtuning["sample_keep_ratio"] == 0.5
+    assert manager.get_trainer_cls(validated) is AxolotlQTuningTrainer
+    assert [plugin.get_training_args(validated) != {} for plugin in instances] == [True] + [False] * (len(instances) - 1)
+
+
+def test_plugins_entry_that_cannot_be_imported(empty_plugin_manager):
+    """0.21 stops on it (the README says so); 0.19 logs the error and goes on without it."""
+    from axolotl.utils.config import prepare_plugins
+
+    cfg = _tiny_cfg()
+    cfg["plugins"] = ["qtuning_plugin_not_installed.QTuningPlugin"]
+    if LOADS_ENTRY_POINTS:
+        with pytest.raises(ModuleNotFoundError, match="qtuning_plugin_not_installed"):
+            prepare_plugins(cfg)
+    else:
+        prepare_plugins(cfg)
+        assert "qtuning_plugin_not_installed.QTuningPlugin" not in empty_plugin_manager.plugins
 
 
 def test_dotted_plugin_name_used_in_configs_loads():

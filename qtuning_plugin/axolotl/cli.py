@@ -12,8 +12,12 @@ import click
 def qtuning() -> None:
     """Q-Tuning: quadrant-based joint sample and token pruning for SFT.
 
-    Enable it in a config with a `qtuning:` section and
-    `plugins: [qtuning_plugin.QTuningPlugin]`, then `axolotl train CONFIG`.
+    Enable it in a config with a `qtuning:` section, then `axolotl train CONFIG`.
+    Axolotl >= 0.21 loads the plugin by itself; Axolotl 0.19 also needs
+    `plugins: [qtuning_plugin.QTuningPlugin]`, and without it ignores `qtuning:`
+    and trains plain SFT. The line is harmless on 0.21, but a `plugins:` name
+    that cannot be imported stops 0.21 before the model loads (0.19 logs an
+    error and trains on without it).
     """
 
 
