@@ -83,36 +83,60 @@ def head_forward(model: nn.Module, inputs: dict[str, Any], fn: Callable[[Tensor,
     return _run(model, inputs, fn)
 
 
+def _weight_owner(head: nn.Module, weight: Tensor) -> nn.Module:
+    """The module inside ``head`` that holds ``weight`` itself, and so runs the head's matmul.
+
+    That is ``head`` for a plain `nn.Linear`, the active adapter's copy in a PEFT
+    `ModulesToSaveWrapper`, the wrapped linear in an FSDP1 unit. ZeRO-3 gathers a
+    module's own parameters in that module's forward pre-hook, so this is the
+    module whose forward must run (and be replaced).
+    """
+    for module in head.modules():
+        if module._parameters.get("weight") is weight:
+            return module
+    return getattr(head, "_fsdp_wrapped_module", head)
+
+
 def _run(model: nn.Module, inputs: dict[str, Any], fn: Optional[Callable]) -> Any:
     causal_lm = unwrap_causal_lm(model)
     captured: list[Tensor] = []
     results: list[Any] = []
+    head_outputs: list[Any] = []
 
     def capture(_module: nn.Module, _args: Any, output: Any) -> None:
         captured.append(output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state)
 
-    def head(*_args: Any, **_kwargs: Any) -> Any:
+    def head(*args: Any, **_kwargs: Any) -> Any:
         if len(captured) != 1:
             raise RuntimeError(f"qtuning: expected one decoder forward before the LM head, saw {len(captured)}")
-        result = fn(captured[0], *lm_head_parameters(causal_lm))
+        # The head's own input where it is the whole final hidden states: ZeRO-3 attaches its
+        # release-after-backward hook to it.
+        hidden = args[0] if args and torch.is_tensor(args[0]) and args[0].shape == captured[0].shape else captured[0]
+        result = fn(hidden, *lm_head_parameters(causal_lm))
         results.append(result)
         # The model may post-process its logits (e.g. soft-capping): the caller gets the
         # result itself, and a non-tensor one is replaced by a placeholder in the output.
         return result if torch.is_tensor(result) else captured[0].new_zeros(())
 
+    def keep_head_output(_module: nn.Module, _args: Any, output: Any) -> None:
+        head_outputs.append(output)
+
     model_inputs = {key: inputs[key] for key in MODEL_INPUT_KEYS if inputs.get(key) is not None}
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(causal_lm) else {}
-    # Under FSDP1 a separately wrapped head is a wrapper: patch the module it wraps.
-    head_module = causal_lm.get_output_embeddings()
-    head_module = getattr(head_module, "_fsdp_wrapped_module", head_module)
+    # Scoring without fn needs no logits (the last position's only); with fn the head gets every position.
+    extra = {"logits_to_keep": 1} if fn is None and _accepts_logits_to_keep(causal_lm) else {}
+    outer_head = causal_lm.get_output_embeddings()
+    head_module = _weight_owner(outer_head, lm_head_parameters(causal_lm)[0])
     previous = head_module.__dict__.get("forward")  # an instance-level forward, if some patch set one
-    handle = causal_lm.get_decoder().register_forward_hook(capture)
+    handles = [causal_lm.get_decoder().register_forward_hook(capture)]
     if fn is not None:
         head_module.forward = head
+        # Registered after the wrappers' own hooks, so it sees the output as they left it.
+        handles.append(outer_head.register_forward_hook(keep_head_output))
     try:
         model(**model_inputs, use_cache=False, **extra)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         if fn is not None:
             if previous is None:
                 del head_module.forward  # back to the class's forward
@@ -123,7 +147,11 @@ def _run(model: nn.Module, inputs: dict[str, Any], fn: Optional[Callable]) -> An
     if fn is None:
         return captured[0]
     if not results:  # the forward did not call the head module
-        results.append(fn(captured[0], *lm_head_parameters(causal_lm)))
+        return fn(captured[0], *lm_head_parameters(causal_lm))
+    # A tensor result is returned as the head's output: ZeRO-3 wraps that output in a new
+    # tensor whose backward re-gathers the head's weight, and only that tensor carries the hook.
+    if torch.is_tensor(results[0]) and head_outputs and torch.is_tensor(head_outputs[0]):
+        return head_outputs[0]
     return results[0]
 
 
