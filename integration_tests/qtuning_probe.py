@@ -16,6 +16,12 @@ The integration tests add ``qtuning_probe.ProbePlugin`` to a config's
   training (one per micro-batch): every sample's PPL, Ent, trainable-token
   count L, kept-token count and Q2/kept flags, so that a test can redo the
   SPEC's triage and token budget independently.
+
+In a multi-process run each rank writes ``qtuning_probe.rank<RANK>.json``.
+
+``qtuning_probe.CpuRanksPlugin`` sets ``use_cpu`` in the training arguments, which
+Axolotl's config has no key for: DeepSpeed on several CPU processes needs it (see
+``test_axolotl_deepspeed.py``).
 """
 
 from __future__ import annotations
@@ -63,7 +69,10 @@ class ProbePlugin(BasePlugin):
 
     def _write(self, cfg) -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, PROBE_FILE), "w", encoding="utf-8") as handle:
+        name = PROBE_FILE
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            name = name.replace(".json", f".rank{os.environ['RANK']}.json")
+        with open(os.path.join(cfg.output_dir, name), "w", encoding="utf-8") as handle:
             json.dump(self.record, handle, indent=1, default=str)
 
     def post_model_load(self, cfg, model) -> None:
@@ -124,3 +133,16 @@ class ProbePlugin(BasePlugin):
             for name, value in after.items()
         }
         self._write(cfg)
+
+
+class CpuRanksPlugin(BasePlugin):
+    """`TrainingArguments(use_cpu=True)`: `torchrun` CPU processes then form a gloo process group.
+
+    Without it, transformers' `TrainingArguments` sets up DeepSpeed on a machine without GPUs as a
+    single process (accelerate's `PartialState` finds no distributed backend), and
+    ``ACCELERATE_USE_CPU=1`` would turn DeepSpeed off altogether (accelerate then wraps the
+    model in DDP).
+    """
+
+    def get_training_args(self, cfg) -> dict:
+        return {"use_cpu": True}

@@ -66,35 +66,23 @@ def head_forward(model: nn.Module, inputs: dict[str, Any], fn: Callable[[Tensor,
     """Run ``model`` on ``inputs`` with ``fn(hidden, weight, bias)`` in place of its LM head; return fn's result.
 
     ``hidden`` is the decoder's final hidden states ``[B, T, H]`` (every
-    position), ``weight``/``bias`` the LM head's parameters (`lm_head_parameters`)
-    as they are while the head runs. Computing the statistics and the loss
-    there, rather than after the forward, is what makes sharded training
-    work (the approach of Liger's ``lce_maybe_trainable_lm_head``): FSDP1,
-    FSDP2 and DeepSpeed ZeRO-3 hold the head's full weight only inside the
-    forward (FSDP2 frees the root's parameters after it when
-    ``reshard_after_forward`` is set, ZeRO-3 those of every module), and
-    ``fn``'s result becomes the model's output, so that their backward hooks
-    (re-gathering the weights, reducing the gradients) see the loss.
+    position; the head's own input where the model passes it whole),
+    ``weight``/``bias`` the LM head's parameters (`lm_head_parameters`) as they
+    are while the head runs. Computing the statistics and the loss there,
+    rather than after the forward, is what makes sharded training work (the
+    approach of Liger's ``lce_maybe_trainable_lm_head``): FSDP1, FSDP2 and
+    DeepSpeed ZeRO-3 hold the head's full weight only inside the forward
+    (FSDP2 frees the root's parameters after it when ``reshard_after_forward``
+    is set, ZeRO-3 those of every module). A tensor result is returned as the
+    head's output after the head's forward hooks: ZeRO-3 replaces a module's
+    output (and input) by a new tensor whose backward re-gathers (releases)
+    the module's parameters, so the loss must flow through those tensors.
 
     If the model's forward never calls its LM head module (a custom forward),
     ``fn`` runs after the forward on the parameters as they are then, which
     is right without sharding and under DDP.
     """
     return _run(model, inputs, fn)
-
-
-def _weight_owner(head: nn.Module, weight: Tensor) -> nn.Module:
-    """The module inside ``head`` that holds ``weight`` itself, and so runs the head's matmul.
-
-    That is ``head`` for a plain `nn.Linear`, the active adapter's copy in a PEFT
-    `ModulesToSaveWrapper`, the wrapped linear in an FSDP1 unit. ZeRO-3 gathers a
-    module's own parameters in that module's forward pre-hook, so this is the
-    module whose forward must run (and be replaced).
-    """
-    for module in head.modules():
-        if module._parameters.get("weight") is weight:
-            return module
-    return getattr(head, "_fsdp_wrapped_module", head)
 
 
 def _run(model: nn.Module, inputs: dict[str, Any], fn: Optional[Callable]) -> Any:
@@ -125,7 +113,8 @@ def _run(model: nn.Module, inputs: dict[str, Any], fn: Optional[Callable]) -> An
     # Scoring without fn needs no logits (the last position's only); with fn the head gets every position.
     extra = {"logits_to_keep": 1} if fn is None and _accepts_logits_to_keep(causal_lm) else {}
     outer_head = causal_lm.get_output_embeddings()
-    head_module = _weight_owner(outer_head, lm_head_parameters(causal_lm)[0])
+    # Under FSDP1 a separately wrapped head is a wrapper: patch the module it wraps.
+    head_module = getattr(outer_head, "_fsdp_wrapped_module", outer_head)
     previous = head_module.__dict__.get("forward")  # an instance-level forward, if some patch set one
     handles = [causal_lm.get_decoder().register_forward_hook(capture)]
     if fn is not None:
