@@ -8,8 +8,9 @@ The integration tests add ``qtuning_probe.ProbePlugin`` to a config's
 * ``linear4bit``: the bitsandbytes ``Linear4bit`` modules of the loaded model
   (name, packed weight dtype and shape, quant type), the proof that QLoRA
   really quantised the base layers;
-* ``lora``: for every LoRA weight, its norm after loading and the norm of its
-  change over training (LoRA B starts at zero, so a non-zero B changed);
+* ``lora``: for every LoRA weight (none under ZeRO-3), its norm after loading
+  and the norm of its change over training (LoRA B starts at zero, so a
+  non-zero B changed);
 * ``batch``: the keys, shapes and one right-padded row of the first collated
   training batch (position_ids included), for the report;
 * ``selections``: one entry per call of `qtuning_plugin.core.select` during
@@ -34,6 +35,15 @@ import torch
 from axolotl.integrations.base import BasePlugin
 
 PROBE_FILE = "qtuning_probe.json"
+
+
+def _lora_weights(model) -> dict[str, torch.Tensor]:
+    """Float copies of the LoRA weights; none under ZeRO-3, whose parameters are empty partitions here."""
+    return {
+        name: param.detach().float().clone()
+        for name, param in model.named_parameters()
+        if "lora_" in name and not hasattr(param, "ds_id")
+    }
 
 
 class ProbePlugin(BasePlugin):
@@ -98,9 +108,7 @@ class ProbePlugin(BasePlugin):
             pass
         self.record["linear4bit"] = linear4bit
         self.record["model_cls"] = type(model).__name__
-        self.lora_before = {
-            name: param.detach().float().clone() for name, param in model.named_parameters() if "lora_" in name
-        }
+        self.lora_before = _lora_weights(model)
         self._write(cfg)
 
     def post_trainer_create(self, cfg, trainer) -> None:
@@ -123,7 +131,7 @@ class ProbePlugin(BasePlugin):
         self._write(cfg)
 
     def post_train(self, cfg, model) -> None:
-        after = {name: param.detach().float() for name, param in model.named_parameters() if "lora_" in name}
+        after = _lora_weights(model)
         self.record["lora"] = {
             name: {
                 "norm_before": float(self.lora_before[name].norm()) if name in self.lora_before else None,
