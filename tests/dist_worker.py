@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -204,10 +205,12 @@ TRAINER_SCOPES = ("micro_batch",)
 #: Rows without any trainable token: with the sequential sampler, rank 1's first micro-batch
 #: (batches of 4 rows go to the ranks in turn), so that rank keeps no sample there.
 TRAINER_ROWS_WITHOUT_TARGETS = slice(4, 8)
-TRAINER_RUNS = {  # name: (engine, model) -- engine: ddp | zero2 | zero3; model: full | lora_head
+TRAINER_RUNS = {  # name: (engine, model) -- engine: ddp | zero2 | zero3 | zero3_offload; model: full | lora_head
     "ddp_full": ("ddp", "full"),
     "zero2_full": ("zero2", "full"),
     "zero3_full": ("zero3", "full"),
+    # optimizer states and parameter partitions offloaded to the CPU (Axolotl's *_cpuoffload_all.json)
+    "zero3_offload_full": ("zero3_offload", "full"),
     # LoRA with a fully trained LM-head copy (PEFT `ModulesToSaveWrapper`, `lora_modules_to_save: [lm_head]`)
     "ddp_lora_head": ("ddp", "lora_head"),
     "zero3_lora_head": ("zero3", "lora_head"),
@@ -233,10 +236,17 @@ def qtuning_settings(scope: str) -> dict:
     return dict(TRAINER_QTUNING)
 
 
-def deepspeed_config(stage: int) -> dict:
-    """ZeRO-``stage`` on CPU, fp32; threshold 0 so that ZeRO-3 partitions even the tiny model's parameters."""
-    return {
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+def deepspeed_config(engine: str) -> Optional[dict]:
+    """The DeepSpeed config of a `TRAINER_RUNS` engine (None for DDP): ZeRO on CPU, fp32, with
+    ``stage3_param_persistence_threshold`` 0 so that ZeRO-3 partitions even the tiny model's parameters.
+    Offload keeps the run's torch optimizer (``zero_force_ds_cpu_optimizer: false``) rather than
+    DeepSpeed's C++ ``cpu_adam``."""
+    if engine == "ddp":
+        return None
+    stage, _, offload = engine.removeprefix("zero").partition("_")
+    zero = {"stage": int(stage), "stage3_param_persistence_threshold": 0}
+    config = {
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": False},
         "train_micro_batch_size_per_gpu": "auto",
@@ -244,6 +254,10 @@ def deepspeed_config(stage: int) -> dict:
         "train_batch_size": "auto",
         "gradient_clipping": "auto",
     }
+    if offload:
+        zero.update(offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
 
 
 def _trainable_parameters(model) -> dict:
@@ -299,7 +313,7 @@ def run_trainer(engine: str, model_kind: str, scope: str) -> dict:
         optim="sgd",
         max_grad_norm=0.0,
         train_sampling_strategy="sequential",
-        deepspeed=deepspeed_config(int(engine[-1])) if engine.startswith("zero") else None,
+        deepspeed=deepspeed_config(engine),
     )
     rows, parameters, selections, environ = FetchedRows(trainer_rows()), StepParameters(), [], dict(os.environ)
     original_select = trainer_module.select
@@ -332,9 +346,14 @@ def run_trainer(engine: str, model_kind: str, scope: str) -> dict:
 
             unset_hf_deepspeed_config()
     wrapped = trainer.model_wrapped
-    stage = wrapped.zero_optimization_stage() if hasattr(wrapped, "zero_optimization_stage") else None
+    zero = None
+    if hasattr(wrapped, "zero_optimization_stage"):
+        zero = {
+            "stage": wrapped.zero_optimization_stage(),
+            "offload": bool(wrapped.zero_offload_optimizer() and wrapped.zero_offload_param()),
+        }
     return {
-        "wrapper": (type(wrapped).__name__, stage),
+        "wrapper": (type(wrapped).__name__, zero),
         "fetched": rows.fetched,
         "selections": selections,
         "params": parameters.steps,

@@ -149,8 +149,11 @@ def _trainer_run(ranks, scope, name):
     runs = [ranks[rank]["trainer"][scope][name] for rank in range(2)]
     for run in runs:
         assert "error" not in run, run.get("error")
-    engine = worker.TRAINER_RUNS[name][0]
-    expected = ("DistributedDataParallel", None) if engine == "ddp" else ("DeepSpeedEngine", int(engine[-1]))
+    config = worker.deepspeed_config(worker.TRAINER_RUNS[name][0])
+    expected = ("DistributedDataParallel", None)
+    if config is not None:
+        zero = config["zero_optimization"]
+        expected = ("DeepSpeedEngine", {"stage": zero["stage"], "offload": "offload_param" in zero})
     assert all(run["wrapper"] == expected for run in runs), [run["wrapper"] for run in runs]
     return runs
 
