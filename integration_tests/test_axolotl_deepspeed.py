@@ -13,7 +13,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from pathlib import Path
+import os
+import sys
 
 import pytest
 
@@ -26,6 +27,7 @@ pytestmark = [
 ]
 
 STEPS, MICRO_BATCH, ACCUMULATION, RANKS = 4, 4, 2, 2
+EXTENSIONS = os.path.join(sys.prefix, "torch_extensions")
 
 #: axolotl-ai-cloud/axolotl `deepspeed_configs/zero3_bf16.json`, with bf16 disabled for the CPU.
 ZERO3_BF16 = {
@@ -73,7 +75,8 @@ def zero3_run(tmp_path_factory) -> Run:
     return run_axolotl_train(
         config,
         cli_args=["--launcher", "torchrun", "--", "--nproc_per_node", str(RANKS), "--standalone"],
-        extra_env={"OMP_NUM_THREADS": "1"},
+        # DeepSpeed's JIT-built CPU collectives op, cached with the virtual environment (as tests/test_distributed.py)
+        extra_env={"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", EXTENSIONS)},
     )
 
 

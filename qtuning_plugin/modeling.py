@@ -110,7 +110,7 @@ def _run(model: nn.Module, inputs: dict[str, Any], fn: Optional[Callable]) -> An
         head_outputs.append(output)
 
     model_inputs = {key: inputs[key] for key in MODEL_INPUT_KEYS if inputs.get(key) is not None}
-    # Scoring without fn needs no logits (the last position's only); with fn the head gets every position.
+    # Without fn only the hidden states are wanted (the head runs on the last position); fn gets every position.
     extra = {"logits_to_keep": 1} if fn is None and _accepts_logits_to_keep(causal_lm) else {}
     outer_head = causal_lm.get_output_embeddings()
     # Under FSDP1 a separately wrapped head is a wrapper: patch the module it wraps.

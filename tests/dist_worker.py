@@ -21,6 +21,7 @@ process's results on the concatenated batch. Scenarios:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from datetime import timedelta
@@ -263,12 +264,13 @@ def deepspeed_config(engine: str) -> Optional[dict]:
 def _trainable_parameters(model) -> dict:
     """Full copies of the trainable parameters (gathered from their ZeRO-3 partitions: a collective)."""
     params = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    gathered = contextlib.nullcontext()
     if any(hasattr(param, "ds_id") for param in params.values()):
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(params.values())):
-            return {name: param.detach().clone() for name, param in params.items()}
-    return {name: param.detach().clone() for name, param in params.items()}
+        gathered = deepspeed.zero.GatheredParameters(list(params.values()))
+    with gathered:
+        return {name: param.detach().clone() for name, param in params.items()}
 
 
 def run_trainer(engine: str, model_kind: str, scope: str) -> dict:
@@ -337,8 +339,8 @@ def run_trainer(engine: str, model_kind: str, scope: str) -> dict:
         trainer.train()
     finally:
         trainer_module.select = original_select
-        # A DeepSpeed run leaves ACCELERATE_USE_DEEPSPEED=true behind, which would turn the next
-        # run's accelerator into DeepSpeed too, and its config global behind.
+        # A DeepSpeed run leaves ACCELERATE_USE_DEEPSPEED=true behind, which would make the next
+        # run's accelerator DeepSpeed too, and transformers' global DeepSpeed config (unset here).
         os.environ.clear()
         os.environ.update(environ)
         if args.deepspeed:
