@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -94,12 +94,16 @@ class Run:
         """The log_history entries of training steps (those with a training ``loss``)."""
         return [entry for entry in self.trainer_state()["log_history"] if "loss" in entry]
 
-    def probe(self) -> dict:
-        return json.loads((self.output_dir / "qtuning_probe.json").read_text(encoding="utf-8"))
+    def probe(self, rank: Optional[int] = None) -> dict:
+        """What `qtuning_probe.ProbePlugin` recorded (``rank``: that process's record, in a multi-process run)."""
+        name = "qtuning_probe.json" if rank is None else f"qtuning_probe.rank{rank}.json"
+        return json.loads((self.output_dir / name).read_text(encoding="utf-8"))
 
 
-def run_axolotl_train(config: Path, *, timeout: float = 600, extra_env: Optional[dict] = None) -> Run:
-    """``axolotl train CONFIG`` in a subprocess, from the config's folder."""
+def run_axolotl_train(
+    config: Path, *, timeout: float = 600, extra_env: Optional[dict] = None, cli_args: Sequence[str] = ()
+) -> Run:
+    """``axolotl train CONFIG [CLI_ARGS]`` in a subprocess, from the config's folder."""
     env = {**os.environ, **OFFLINE_ENV, **(extra_env or {})}
     # `axolotl train` execs `accelerate launch ...`, found on PATH: use the one next to this interpreter
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -108,7 +112,7 @@ def run_axolotl_train(config: Path, *, timeout: float = 600, extra_env: Optional
     cfg = yaml.safe_load(config.read_text(encoding="utf-8"))
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "axolotl.cli.main", "train", str(config)],
+        [sys.executable, "-m", "axolotl.cli.main", "train", str(config), *cli_args],
         cwd=config.parent,
         env=env,
         stdout=subprocess.PIPE,

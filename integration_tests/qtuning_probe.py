@@ -8,14 +8,21 @@ The integration tests add ``qtuning_probe.ProbePlugin`` to a config's
 * ``linear4bit``: the bitsandbytes ``Linear4bit`` modules of the loaded model
   (name, packed weight dtype and shape, quant type), the proof that QLoRA
   really quantised the base layers;
-* ``lora``: for every LoRA weight, its norm after loading and the norm of its
-  change over training (LoRA B starts at zero, so a non-zero B changed);
+* ``lora``: for every LoRA weight (none under ZeRO-3), its norm after loading
+  and the norm of its change over training (LoRA B starts at zero, so a
+  non-zero B changed);
 * ``batch``: the keys, shapes and one right-padded row of the first collated
   training batch (position_ids included), for the report;
 * ``selections``: one entry per call of `qtuning_plugin.core.select` during
   training (one per micro-batch): every sample's PPL, Ent, trainable-token
   count L, kept-token count and Q2/kept flags, so that a test can redo the
   SPEC's triage and token budget independently.
+
+In a multi-process run each rank writes ``qtuning_probe.rank<RANK>.json``.
+
+``qtuning_probe.CpuRanksPlugin`` sets ``use_cpu`` in the training arguments, which
+Axolotl's config has no key for: DeepSpeed on several CPU processes needs it (see
+``test_axolotl_deepspeed.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +35,15 @@ import torch
 from axolotl.integrations.base import BasePlugin
 
 PROBE_FILE = "qtuning_probe.json"
+
+
+def _lora_weights(model) -> dict[str, torch.Tensor]:
+    """Float copies of the LoRA weights; none under ZeRO-3, whose parameters are empty partitions here."""
+    return {
+        name: param.detach().float().clone()
+        for name, param in model.named_parameters()
+        if "lora_" in name and not hasattr(param, "ds_id")
+    }
 
 
 class ProbePlugin(BasePlugin):
@@ -63,7 +79,10 @@ class ProbePlugin(BasePlugin):
 
     def _write(self, cfg) -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, PROBE_FILE), "w", encoding="utf-8") as handle:
+        name = PROBE_FILE
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            name = name.replace(".json", f".rank{os.environ['RANK']}.json")
+        with open(os.path.join(cfg.output_dir, name), "w", encoding="utf-8") as handle:
             json.dump(self.record, handle, indent=1, default=str)
 
     def post_model_load(self, cfg, model) -> None:
@@ -89,9 +108,7 @@ class ProbePlugin(BasePlugin):
             pass
         self.record["linear4bit"] = linear4bit
         self.record["model_cls"] = type(model).__name__
-        self.lora_before = {
-            name: param.detach().float().clone() for name, param in model.named_parameters() if "lora_" in name
-        }
+        self.lora_before = _lora_weights(model)
         self._write(cfg)
 
     def post_trainer_create(self, cfg, trainer) -> None:
@@ -114,7 +131,7 @@ class ProbePlugin(BasePlugin):
         self._write(cfg)
 
     def post_train(self, cfg, model) -> None:
-        after = {name: param.detach().float() for name, param in model.named_parameters() if "lora_" in name}
+        after = _lora_weights(model)
         self.record["lora"] = {
             name: {
                 "norm_before": float(self.lora_before[name].norm()) if name in self.lora_before else None,
@@ -124,3 +141,16 @@ class ProbePlugin(BasePlugin):
             for name, value in after.items()
         }
         self._write(cfg)
+
+
+class CpuRanksPlugin(BasePlugin):
+    """`TrainingArguments(use_cpu=True)`: `torchrun` CPU processes then form a gloo process group.
+
+    Without it, transformers' `TrainingArguments` sets up DeepSpeed on a machine without GPUs as a
+    single process (accelerate's `PartialState` finds no distributed backend), and
+    ``ACCELERATE_USE_CPU=1`` would turn DeepSpeed off altogether (accelerate then wraps the
+    model in DDP).
+    """
+
+    def get_training_args(self, cfg) -> dict:
+        return {"use_cpu": True}

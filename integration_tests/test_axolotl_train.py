@@ -188,6 +188,11 @@ def check_selections_match_spec(run: Run) -> None:
     """Redo each micro-batch's triage from the recorded per-sample (PPL, Ent), as SPEC sections 4-5 say."""
     selections = run.probe()["selections"]
     assert len(selections) == STEPS  # one scoring per micro-batch, none during evaluation
+    check_records_match_spec(selections)
+
+
+def check_records_match_spec(selections: list[dict]) -> None:
+    """Each `qtuning_probe` selection record is SPEC's triage and token budget of its (PPL, Ent)."""
     for step, record in enumerate(selections, start=1):
         trainable = torch.tensor(record["trainable"])
         valid = trainable > 0

@@ -66,15 +66,17 @@ def head_forward(model: nn.Module, inputs: dict[str, Any], fn: Callable[[Tensor,
     """Run ``model`` on ``inputs`` with ``fn(hidden, weight, bias)`` in place of its LM head; return fn's result.
 
     ``hidden`` is the decoder's final hidden states ``[B, T, H]`` (every
-    position), ``weight``/``bias`` the LM head's parameters (`lm_head_parameters`)
-    as they are while the head runs. Computing the statistics and the loss
-    there, rather than after the forward, is what makes sharded training
-    work (the approach of Liger's ``lce_maybe_trainable_lm_head``): FSDP1,
-    FSDP2 and DeepSpeed ZeRO-3 hold the head's full weight only inside the
-    forward (FSDP2 frees the root's parameters after it when
-    ``reshard_after_forward`` is set, ZeRO-3 those of every module), and
-    ``fn``'s result becomes the model's output, so that their backward hooks
-    (re-gathering the weights, reducing the gradients) see the loss.
+    position; the head's own input where the model passes it whole),
+    ``weight``/``bias`` the LM head's parameters (`lm_head_parameters`) as they
+    are while the head runs. Computing the statistics and the loss there,
+    rather than after the forward, is what makes sharded training work (the
+    approach of Liger's ``lce_maybe_trainable_lm_head``): FSDP1, FSDP2 and
+    DeepSpeed ZeRO-3 hold the head's full weight only inside the forward
+    (FSDP2 frees the root's parameters after it when ``reshard_after_forward``
+    is set, ZeRO-3 those of every module). A tensor result is returned as the
+    head's output after the head's forward hooks: ZeRO-3 replaces a module's
+    output (and input) by a new tensor whose backward re-gathers (releases)
+    the module's parameters, so the loss must flow through those tensors.
 
     If the model's forward never calls its LM head module (a custom forward),
     ``fn`` runs after the forward on the parameters as they are then, which
@@ -87,32 +89,43 @@ def _run(model: nn.Module, inputs: dict[str, Any], fn: Optional[Callable]) -> An
     causal_lm = unwrap_causal_lm(model)
     captured: list[Tensor] = []
     results: list[Any] = []
+    head_outputs: list[Any] = []
 
     def capture(_module: nn.Module, _args: Any, output: Any) -> None:
         captured.append(output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state)
 
-    def head(*_args: Any, **_kwargs: Any) -> Any:
+    def head(*args: Any, **_kwargs: Any) -> Any:
         if len(captured) != 1:
             raise RuntimeError(f"qtuning: expected one decoder forward before the LM head, saw {len(captured)}")
-        result = fn(captured[0], *lm_head_parameters(causal_lm))
+        # The head's own input where it is the whole final hidden states: ZeRO-3 attaches its
+        # release-after-backward hook to it.
+        hidden = args[0] if args and torch.is_tensor(args[0]) and args[0].shape == captured[0].shape else captured[0]
+        result = fn(hidden, *lm_head_parameters(causal_lm))
         results.append(result)
         # The model may post-process its logits (e.g. soft-capping): the caller gets the
         # result itself, and a non-tensor one is replaced by a placeholder in the output.
         return result if torch.is_tensor(result) else captured[0].new_zeros(())
 
+    def keep_head_output(_module: nn.Module, _args: Any, output: Any) -> None:
+        head_outputs.append(output)
+
     model_inputs = {key: inputs[key] for key in MODEL_INPUT_KEYS if inputs.get(key) is not None}
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(causal_lm) else {}
+    # Without fn only the hidden states are wanted (the head runs on the last position); fn gets every position.
+    extra = {"logits_to_keep": 1} if fn is None and _accepts_logits_to_keep(causal_lm) else {}
+    outer_head = causal_lm.get_output_embeddings()
     # Under FSDP1 a separately wrapped head is a wrapper: patch the module it wraps.
-    head_module = causal_lm.get_output_embeddings()
-    head_module = getattr(head_module, "_fsdp_wrapped_module", head_module)
+    head_module = getattr(outer_head, "_fsdp_wrapped_module", outer_head)
     previous = head_module.__dict__.get("forward")  # an instance-level forward, if some patch set one
-    handle = causal_lm.get_decoder().register_forward_hook(capture)
+    handles = [causal_lm.get_decoder().register_forward_hook(capture)]
     if fn is not None:
         head_module.forward = head
+        # Registered after the wrappers' own hooks, so it sees the output as they left it.
+        handles.append(outer_head.register_forward_hook(keep_head_output))
     try:
         model(**model_inputs, use_cache=False, **extra)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         if fn is not None:
             if previous is None:
                 del head_module.forward  # back to the class's forward
@@ -123,7 +136,11 @@ def _run(model: nn.Module, inputs: dict[str, Any], fn: Optional[Callable]) -> An
     if fn is None:
         return captured[0]
     if not results:  # the forward did not call the head module
-        results.append(fn(captured[0], *lm_head_parameters(causal_lm)))
+        return fn(captured[0], *lm_head_parameters(causal_lm))
+    # A tensor result is returned as the head's output: ZeRO-3 wraps that output in a new
+    # tensor whose backward re-gathers the head's weight, and only that tensor carries the hook.
+    if torch.is_tensor(results[0]) and head_outputs and torch.is_tensor(head_outputs[0]):
+        return head_outputs[0]
     return results[0]
 
 

@@ -45,8 +45,9 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"{REQUIRE_CUDA_ENV}=1: this CUDA test must run here, but it skipped: {reason}"
 
 
-def tiny_llama(seed: int = 0, lora: bool = True):
-    """A 2-layer Llama (hidden 32, vocab 101); with LoRA r 4 on every linear layer, dropout 0."""
+def tiny_llama(seed: int = 0, lora: bool = True, modules_to_save: tuple[str, ...] = ()):
+    """A 2-layer Llama (hidden 32, vocab 101); with LoRA r 4 on every linear layer, dropout 0,
+    and full trainable copies of ``modules_to_save`` (PEFT's ``ModulesToSaveWrapper``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -66,7 +67,14 @@ def tiny_llama(seed: int = 0, lora: bool = True):
         return model
     from peft import LoraConfig, get_peft_model
 
-    lora_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    lora_config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        init_lora_weights=False,
+        modules_to_save=list(modules_to_save) or None,
+    )
     return get_peft_model(model, lora_config)
 
 

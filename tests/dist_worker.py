@@ -1,6 +1,6 @@
 """One rank of the data-parallel tests (`tests/test_distributed.py`), launched by torchrun.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py OUT_DIR [fsdp]
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py OUT_DIR [fsdp] [trainer]
 
 Runs every scenario on a gloo process group, CPU only, and saves what each
 rank saw to ``OUT_DIR/rank{R}.pt``; the test compares it with a single
@@ -13,20 +13,26 @@ process's results on the concatenated batch. Scenarios:
 * ``fsdp/<name>`` (with the ``fsdp`` argument): the same step under FSDP2
   (`fully_shard`) and FSDP1 (`FullyShardedDataParallel`), LoRA and full
   fine-tuning: full gradients after backward.
+* ``trainer/<scope>/<run>`` (with the ``trainer`` argument): `Trainer.train` with
+  `QTuningTrainerMixin` for a few optimizer steps under DDP, DeepSpeed ZeRO-2 and
+  ZeRO-3 (`TRAINER_RUNS`): the dataset rows each rank fetched, every `select`
+  call, and the trainable parameters after every optimizer step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from conftest import random_batch, tiny_llama  # noqa: E402
+from conftest import Rows, random_batch, tiny_llama  # noqa: E402
 
 # Shared with the test: the data of every scenario.
 SELECT_CASES = [  # (global batch size, rows on rank 0, sample_keep_ratio, seed)
@@ -190,6 +196,172 @@ def run_fsdp1(rank: int, lora: bool) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- Trainer runs
+TRAINER_ROWS, TRAINER_LENGTH = 48, 16
+TRAINER_MICRO_BATCH, TRAINER_ACCUMULATION, TRAINER_STEPS = 4, 2, 3
+TRAINER_QTUNING = {"sample_keep_ratio": 0.25, "token_keep_ratio": 0.5}
+#: Triage scopes to run; each is passed to the worker's QTuningConfig as ``triage_scope``
+#: once QTuningConfig has that key (today's behaviour is the per-micro-batch triage).
+TRAINER_SCOPES = ("micro_batch",)
+#: Rows without any trainable token: with the sequential sampler, rank 1's first micro-batch
+#: (batches of 4 rows go to the ranks in turn), so that rank keeps no sample there.
+TRAINER_ROWS_WITHOUT_TARGETS = slice(4, 8)
+TRAINER_RUNS = {  # name: (engine, model) -- engine: ddp | zero2 | zero3 | zero3_offload; model: full | lora_head
+    "ddp_full": ("ddp", "full"),
+    "zero2_full": ("zero2", "full"),
+    "zero3_full": ("zero3", "full"),
+    # optimizer states and parameter partitions offloaded to the CPU (Axolotl's *_cpuoffload_all.json)
+    "zero3_offload_full": ("zero3_offload", "full"),
+    # LoRA with a fully trained LM-head copy (PEFT `ModulesToSaveWrapper`, `lora_modules_to_save: [lm_head]`)
+    "ddp_lora_head": ("ddp", "lora_head"),
+    "zero3_lora_head": ("zero3", "lora_head"),
+}
+
+
+def trainer_model(model: str):
+    return tiny_llama(seed=0, lora=model == "lora_head", modules_to_save=("lm_head",) if model == "lora_head" else ())
+
+
+def trainer_rows() -> dict:
+    batch = random_batch(batch=TRAINER_ROWS, length=TRAINER_LENGTH, seed=5)
+    batch["labels"][TRAINER_ROWS_WITHOUT_TARGETS] = -100
+    return batch
+
+
+def qtuning_settings(scope: str) -> dict:
+    from qtuning_plugin import QTuningConfig
+
+    if "triage_scope" in QTuningConfig.model_fields:
+        return {**TRAINER_QTUNING, "triage_scope": scope}
+    assert scope == "micro_batch", f"QTuningConfig has no triage_scope: cannot run scope {scope!r}"
+    return dict(TRAINER_QTUNING)
+
+
+def deepspeed_config(engine: str) -> Optional[dict]:
+    """The DeepSpeed config of a `TRAINER_RUNS` engine (None for DDP): ZeRO on CPU, fp32, with
+    ``stage3_param_persistence_threshold`` 0 so that ZeRO-3 partitions even the tiny model's parameters.
+    Offload keeps the run's torch optimizer (``zero_force_ds_cpu_optimizer: false``) rather than
+    DeepSpeed's C++ ``cpu_adam``."""
+    if engine == "ddp":
+        return None
+    stage, _, offload = engine.removeprefix("zero").partition("_")
+    zero = {"stage": int(stage), "stage3_param_persistence_threshold": 0}
+    config = {
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": False},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+    }
+    if offload:
+        zero.update(offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def _trainable_parameters(model) -> dict:
+    """Full copies of the trainable parameters (gathered from their ZeRO-3 partitions: a collective)."""
+    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    gathered = contextlib.nullcontext()
+    if any(hasattr(param, "ds_id") for param in params.values()):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(params.values()))
+    with gathered:
+        return {name: param.detach().clone() for name, param in params.items()}
+
+
+def run_trainer(engine: str, model_kind: str, scope: str) -> dict:
+    """`Trainer.train` with the Q-Tuning mixin; what each rank fetched and selected, and the parameters."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    import qtuning_plugin.trainer as trainer_module
+    from qtuning_plugin import QTuningTrainerMixin
+
+    class QTuningTrainer(QTuningTrainerMixin, Trainer):
+        pass
+
+    class FetchedRows(Rows):
+        def __init__(self, batch):
+            super().__init__(batch)
+            self.fetched: list[int] = []
+
+        def __getitem__(self, index):
+            self.fetched.append(int(index))
+            return super().__getitem__(index)
+
+    class StepParameters(TrainerCallback):
+        def __init__(self):
+            self.steps: list[dict] = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.steps.append(_trainable_parameters(model))
+
+    args = TrainingArguments(
+        output_dir=os.path.join(os.environ["QTUNING_TEST_OUT"], f"{engine}-{model_kind}-{scope}"),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        per_device_train_batch_size=TRAINER_MICRO_BATCH,
+        gradient_accumulation_steps=TRAINER_ACCUMULATION,
+        max_steps=TRAINER_STEPS,
+        # Plain SGD without clipping: the update is proportional to the gradient, so that a
+        # wrongly scaled loss shows in the parameters (Adam and clipping would normalise it away).
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        deepspeed=deepspeed_config(engine),
+    )
+    rows, parameters, selections, environ = FetchedRows(trainer_rows()), StepParameters(), [], dict(os.environ)
+    original_select = trainer_module.select
+
+    def recording_select(*select_args, **select_kwargs):
+        selection = original_select(*select_args, **select_kwargs)
+        selections.append(
+            {"sample_mask": selection.sample_mask, "token_mask": selection.token_mask, "global_keep": selection.triage.keep}
+        )
+        return selection
+
+    trainer = QTuningTrainer(
+        model=trainer_model(model_kind),
+        args=args,
+        train_dataset=rows,
+        callbacks=[parameters],
+        qtuning_config=qtuning_settings(scope),
+    )
+    trainer_module.select = recording_select
+    try:
+        trainer.train()
+    finally:
+        trainer_module.select = original_select
+        # A DeepSpeed run leaves ACCELERATE_USE_DEEPSPEED=true behind, which would make the next
+        # run's accelerator DeepSpeed too, and transformers' global DeepSpeed config (unset here).
+        os.environ.clear()
+        os.environ.update(environ)
+        if args.deepspeed:
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+    wrapped = trainer.model_wrapped
+    zero = None
+    if hasattr(wrapped, "zero_optimization_stage"):
+        zero = {
+            "stage": wrapped.zero_optimization_stage(),
+            "offload": bool(wrapped.zero_offload_optimizer() and wrapped.zero_offload_param()),
+        }
+    return {
+        "wrapper": (type(wrapped).__name__, zero),
+        "fetched": rows.fetched,
+        "selections": selections,
+        "params": parameters.steps,
+    }
+
+
 FSDP_RUNS = {  # name: (runner, LoRA)
     "fsdp2_lora": (run_fsdp2, True),
     "fsdp2_full": (run_fsdp2, False),
@@ -198,21 +370,30 @@ FSDP_RUNS = {  # name: (runner, LoRA)
 }
 
 
+def _reported(run, *args) -> dict:
+    """``run(*args)``, or its error, reported by the test rather than crashing the whole launch."""
+    try:
+        return run(*args)
+    except Exception as error:
+        import traceback
+
+        return {"error": f"{type(error).__name__}: {str(error)[:500]}\n{traceback.format_exc()[-3000:]}"}
+
+
 def main() -> None:
     out_dir = sys.argv[1]
     os.environ["QTUNING_TEST_OUT"] = out_dir
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
-    results = {"select": run_select(rank), "ddp": run_ddp(rank), "fsdp": {}}
+    results = {"select": run_select(rank), "ddp": run_ddp(rank), "fsdp": {}, "trainer": {}}
     if "fsdp" in sys.argv[2:]:
         for name, (run, lora) in FSDP_RUNS.items():
-            try:
-                results["fsdp"][name] = run(rank, lora)
-            except Exception as error:  # reported by the test, not a crash of the whole launch
-                import traceback
-
-                results["fsdp"][name] = {"error": f"{type(error).__name__}: {str(error)[:500]}\n"
-                                                  f"{traceback.format_exc()[-3000:]}"}
+            results["fsdp"][name] = _reported(run, rank, lora)
+    if "trainer" in sys.argv[2:]:
+        for scope in TRAINER_SCOPES:
+            results["trainer"][scope] = {
+                name: _reported(run_trainer, engine, model, scope) for name, (engine, model) in TRAINER_RUNS.items()
+            }
     dist.barrier()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()

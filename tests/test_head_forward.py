@@ -70,3 +70,36 @@ def test_a_forward_that_never_calls_the_head_falls_back_to_after_the_forward(mod
     finally:
         del causal_lm.forward
     assert shape == (8, 16, 32)
+
+
+class _BackwardMarker(torch.autograd.Function):
+    """Identity whose backward records ``label``: how DeepSpeed ZeRO-3 hooks a module's output
+    (re-gather its parameters before its backward) and its input (release them after)."""
+
+    @staticmethod
+    def forward(ctx, tensor, log, label):
+        ctx.log, ctx.label = log, label
+        return tensor.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.log.append(ctx.label)
+        return grad, None, None
+
+
+def test_the_loss_backpropagates_through_the_hooks_on_the_head_output_and_input(model):
+    """fn's loss is returned as the head's output after its forward hooks, and fn gets the head's
+    own input: a backward hook attached to either (as ZeRO-3 does) runs, output first."""
+    head = unwrap_causal_lm(model).get_output_embeddings()
+    log = []
+    handles = [
+        head.register_forward_pre_hook(lambda _m, args: (_BackwardMarker.apply(args[0], log, "input"), *args[1:])),
+        head.register_forward_hook(lambda _m, _args, output: _BackwardMarker.apply(output, log, "output")),
+    ]
+    try:
+        loss = head_forward(model, random_batch(seed=5), lambda h, w, b: (h @ w.T).logsumexp(dim=-1).mean())
+    finally:
+        for handle in handles:
+            handle.remove()
+    loss.backward()
+    assert log == ["output", "input"]
