@@ -92,17 +92,18 @@ def test_zero3_trains_on_two_ranks_and_saves(zero3_run):
 
 
 def test_zero3_triage_is_global_and_matches_spec(zero3_run):
-    """Every micro-batch is triaged over both ranks' rows: the two ranks' records, concatenated,
-    are SPEC's triage of the global micro-batch, and both ranks log the same global counts."""
+    """Every optimizer step is triaged once over both ranks' rows (`triage_scope: step`, the
+    default): the two ranks' records, concatenated, are SPEC's triage of the global mini-batch,
+    and both ranks log the same global counts."""
     check_finished(zero3_run)
     per_rank = [zero3_run.probe(rank)["selections"] for rank in range(RANKS)]
-    assert [len(selections) for selections in per_rank] == [STEPS * ACCUMULATION] * RANKS
+    assert [len(selections) for selections in per_rank] == [STEPS] * RANKS
     merged = []
     for records in zip(*per_rank):
         assert all(record["stats"] == records[0]["stats"] for record in records)
         merged.append({key: sum((record[key] for record in records), []) for key in records[0] if key != "stats"})
-    assert all(len(record["ppl"]) == RANKS * MICRO_BATCH for record in merged)
+    assert all(len(record["ppl"]) == RANKS * MICRO_BATCH * ACCUMULATION for record in merged)
     check_records_match_spec(merged)
     for entry in zero3_run.train_logs():
         counted = sum(entry[f"qtuning/samples_{name}"] for name in ("q1", "q2", "q3", "q4", "middle", "without_target"))
-        assert counted == pytest.approx(RANKS * MICRO_BATCH), entry
+        assert counted == pytest.approx(RANKS * MICRO_BATCH * ACCUMULATION), entry

@@ -200,9 +200,8 @@ def run_fsdp1(rank: int, lora: bool) -> dict:
 TRAINER_ROWS, TRAINER_LENGTH = 48, 16
 TRAINER_MICRO_BATCH, TRAINER_ACCUMULATION, TRAINER_STEPS = 4, 2, 3
 TRAINER_QTUNING = {"sample_keep_ratio": 0.25, "token_keep_ratio": 0.5}
-#: Triage scopes to run; each is passed to the worker's QTuningConfig as ``triage_scope``
-#: once QTuningConfig has that key (today's behaviour is the per-micro-batch triage).
-TRAINER_SCOPES = ("micro_batch",)
+#: Triage scopes to run, passed to the worker's QTuningConfig as ``triage_scope``.
+TRAINER_SCOPES = ("micro_batch", "step")
 #: Rows without any trainable token: with the sequential sampler, rank 1's first micro-batch
 #: (batches of 4 rows go to the ranks in turn), so that rank keeps no sample there.
 TRAINER_ROWS_WITHOUT_TARGETS = slice(4, 8)
@@ -229,12 +228,7 @@ def trainer_rows() -> dict:
 
 
 def qtuning_settings(scope: str) -> dict:
-    from qtuning_plugin import QTuningConfig
-
-    if "triage_scope" in QTuningConfig.model_fields:
-        return {**TRAINER_QTUNING, "triage_scope": scope}
-    assert scope == "micro_batch", f"QTuningConfig has no triage_scope: cannot run scope {scope!r}"
-    return dict(TRAINER_QTUNING)
+    return {**TRAINER_QTUNING, "triage_scope": scope}
 
 
 def deepspeed_config(engine: str) -> Optional[dict]:

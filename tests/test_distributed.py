@@ -204,7 +204,8 @@ def test_trainer_run_selects_as_one_process_on_the_concatenated_batch(ranks, sco
         kept_per_rank.append([int(reference.sample_mask[:first].sum()), int(reference.sample_mask[first:].sum())])
     for run in runs:
         assert len(run["selections"]) == len(units)
-    assert any(min(kept) == 0 < max(kept) for kept in kept_per_rank), kept_per_rank
+    if scope == "micro_batch":  # rank 1's first micro-batch has no trainable token: it keeps nothing there
+        assert any(min(kept) == 0 < max(kept) for kept in kept_per_rank), kept_per_rank
 
 
 @pytest.mark.parametrize("scope", worker.TRAINER_SCOPES)
