@@ -5,17 +5,21 @@
 #   scripts/latest-env.sh run CMD ...    run CMD in it, from the repository root
 #
 # Route: a Debian trixie root (debootstrap --variant=minbase from the apt mirror this
-# machine already uses) with Debian's python3.13, entered with chroot. Debian ships
-# python3.13 prebuilt, so the root takes about two minutes (debootstrap, then apt
-# install python3.13-venv python3-dev build-essential) where compiling CPython from
-# Debian's source package needs its whole build-dependency tree on the host and far
-# longer on 2 cores; nothing on the host changes except the cache folder.
+# machine already uses) with Debian's prebuilt python3.13, entered with chroot. Trixie's
+# packages need its newer glibc, so they cannot be unpacked onto a bookworm host; the other
+# route, compiling CPython from Debian's source package, would install its whole
+# build-dependency tree on the host and compile for far longer on 2 cores. The root takes
+# about two minutes (debootstrap, then apt install python3.13-venv python3-dev
+# build-essential), needs no compiler on the host, and changes nothing outside the cache
+# folder but installing debootstrap.
 # Each command runs in a private mount namespace (unshare --mount) with /proc, /sys,
 # /dev and the paths below bound in at their host paths, so nothing stays mounted
 # after it exits and the root can be deleted with rm -rf:
 #   - the repository and /tmp (so `run axolotl train /tmp/x/cfg.yml` works),
 #   - /etc/hosts and /etc/resolv.conf (torchrun hangs without the host name),
 #   - pip's configuration and the local indexes, certificates and download cache it names.
+# The command gets the caller's environment less PATH, PYTHONPATH, LD_* and the like, plus
+# HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1.
 # Needs root (CI runs as root), and debootstrap, which it installs with apt-get if missing.
 #
 # The root is cached under $QTUNING_LATEST_CACHE (default: $QTUNING_VENV_CACHE, else
