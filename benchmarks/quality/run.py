@@ -135,7 +135,6 @@ ARMS = {
 # The triage batch size question: one optimizer step of 32 samples, in three shapes.
 STEP_SCOPE_ARMS = {f"qtuning_25x70_step_{mbs}x{ga}": Arm("qtuning", Q25x70, mbs, ga, "step")
                    for mbs, ga in ((32, 1), (4, 8), (1, 32))}
-MAIN_ARMS = tuple(name for name, arm in ARMS.items() if not arm.diagnostic)
 TYPES = ("corrupted", "redundant", "fresh")
 
 

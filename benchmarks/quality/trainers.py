@@ -133,6 +133,7 @@ class StepScopeTrainer(Recording, QTuningTrainerMixin, Trainer):
             self._qtuning_backend = resolve_backend(config.backend, self.args.device)
         backend = self._qtuning_backend
         micro_batches = [self._prepare_inputs(micro_batch) for micro_batch in micro_batches]
+        self.model.train()  # as training_step does: the mode the plugin scores in
         nll, entropy = [], []
         with torch.no_grad():
             for micro_batch in micro_batches:
