@@ -30,6 +30,20 @@ def _style(arm: str) -> tuple[str, str, str]:
     return STYLE.get(arm, ("#bcbd22", "-", "."))
 
 
+def _width(arm: str) -> float:
+    """Line width: the two arms the comparison is about stand out."""
+    return 2.5 if arm in ("full", "qtuning_25x70") else 1.5
+
+
+def _save_with_legend_below(fig, ax, ncol: int, legend_height: float, out_path) -> None:
+    """One legend for the figure (the entries of ``ax``) under the panels; write the PNG and close."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9)
+    fig.tight_layout(rect=(0, legend_height, 1, 1))
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
 def plot_arms(cond_summary: dict, arms: list[str], plane, pre_acc: float, title: str, out_path) -> None:
     """Left: accuracy per arm at equal steps and at equal training time. Right: the EU plane of the SFT set before SFT."""
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
@@ -90,8 +104,7 @@ def plot_compute(summaries: dict, arms: list[str], pre_acc: float, out_path) -> 
                 colour, line, marker = _style(arm)
                 xs = [0.0] + [p[key] * scale for p in run["curve"]]
                 ys = [pre_acc] + [p["acc"] for p in run["curve"]]
-                lw = 2.5 if arm in ("full", "qtuning_25x70") else 1.5
-                ax.plot(xs, ys, line, color=colour, marker=marker, ms=5, lw=lw,
+                ax.plot(xs, ys, line, color=colour, marker=marker, ms=5, lw=_width(arm),
                         label=f"{arm} ({run['steps']:.0f} steps)")
                 if arm != "full":
                     last = eq[arm]["curve"][-1]
@@ -104,11 +117,7 @@ def plot_compute(summaries: dict, arms: list[str], pre_acc: float, out_path) -> 
             ax.set_title(f"{cond.replace('_', ' ')}% corrupted: lines = equal-time runs; "
                          "hollow = the same arm at equal steps", fontsize=9)
             ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    _save_with_legend_below(fig, axes[0][0], 4, 0.06, out_path)
 
 
 def plot_noise(summary: dict, grid: dict, arms: list[str], pre_acc: float, out_path) -> None:
@@ -125,7 +134,7 @@ def plot_noise(summary: dict, grid: dict, arms: list[str], pre_acc: float, out_p
             runs = [summary[levels[lv]]["equal_steps"][arm] for lv in xs]
             ceiling = arm == "oracle_clean"
             ax.errorbar(xs, [r["acc_mean"] for r in runs], yerr=[r["acc_std"] for r in runs], fmt=line, marker=marker,
-                        color=colour, lw=3 if ceiling else (2.5 if arm in ("full", "qtuning_25x70") else 1.5),
+                        color=colour, lw=3 if ceiling else _width(arm),
                         capsize=3, ms=5, label="oracle_clean (ceiling: drops exactly the corrupted)" if ceiling else arm)
         ax.axhline(pre_acc, c="k", lw=0.6, ls="--", label="before SFT")
         ax.set_xticks(xs, [f"{lv}%" for lv in xs])
@@ -133,8 +142,4 @@ def plot_noise(summary: dict, grid: dict, arms: list[str], pre_acc: float, out_p
         ax.set_ylabel("held-out exact match (%), equal steps")
         ax.set_title(f"noise kind '{kind}': mean ± std over seeds", fontsize=9)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=9)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    _save_with_legend_below(fig, axes[0][0], 5, 0.1, out_path)
