@@ -121,7 +121,8 @@ class StepScopeTrainer(Recording, QTuningTrainerMixin, Trainer):
        kept-token count (SPEC section 6), so the step's gradient is that of one
        batch of all kept tokens.
 
-    Rows here all have the same length (no padding to trim).
+    Rows here all have the same length (no padding to trim), and the
+    arms use no Q-Tuning warm-up steps.
     """
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
