@@ -1,8 +1,7 @@
-"""Does Q-Tuning beat full-data SFT? A controlled miniature with known ground truth (issue 7).
+"""When does Q-Tuning pay off? A controlled miniature with known ground truth (issues 7 and 16).
 
-    python benchmarks/quality/run.py            # 3 seeds, the whole comparison (< 30 min on 1 CPU core)
-    python benchmarks/quality/run.py --quick    # 1 seed, 2 epochs' worth of steps (< 5 min, from scratch too)
-    python benchmarks/quality/run.py --noise answer   # task-design variant: whole answers redrawn
+    python benchmarks/quality/run.py            # everything below, about 30 min on a shared 2-core machine
+    python benchmarks/quality/run.py --quick    # the same structure, 1 seed, 40 steps (a few minutes)
 
 Task: 3-digit addition, written plainly ("<s>123+456=" -> "0579</s>"), character
 tokens (vocabulary 16), a 3-layer Llama (hidden 128) built in-process.
@@ -12,33 +11,47 @@ tokens (vocabulary 16), a 3-layer Llama (hidden 128) built in-process.
    10 steps from step 600, at most 2500 steps). Cached under
    ``$QTUNING_QUALITY_CACHE`` (default ``~/.cache/qtuning/quality``), keyed by
    the settings.
-2. SFT set, per seed (1600 items, fixed length 14 tokens, 5 trainable each):
-   * 30% corrupted: a fresh problem whose answer has 1 or 2 digits replaced by
-     another digit (the positions are recorded);
-   * 30% redundant: near-duplicates (a+b or b+a, repeated) of 80 problems the
-     pre-trained model already solves in both orders;
-   * 40% fresh: new problems with correct answers.
-3. Six arms, full fine-tuning of the whole model, the same micro-batch (32), the
-   same number of optimizer steps, the same learning-rate schedule, seed and
-   data order; they differ only in what the loss sees:
+2. SFT set, per seed and condition (1600 items, fixed length 14 tokens, 5
+   trainable each), for a noise kind and level:
+   * level x 100% corrupted: a fresh problem whose answer has 1 or 2 digits
+     replaced by another digit (kind "digits") or is redrawn whole (kind
+     "answer"); the positions are recorded;
+   * the clean rest, 3 : 4, redundant : fresh (30% / 40% at level 0.3):
+     redundant items are near-duplicates (a+b or b+a, repeated) of 80 problems
+     the pre-trained model already solves in both orders; fresh items are new
+     problems with correct answers.
+3. Arms (`ARMS`): full fine-tuning of the whole model, the same learning-rate
+   schedule, seed and data order; they differ only in what the loss sees:
    * full            -- every sample and token (QTuningTrainerMixin with enabled=False:
                         the model's own loss);
-   * random_25       -- a random 25% of each micro-batch, all tokens (RandomPruneTrainer:
-                        the mixin's two-pass path with a random choice instead of the
-                        EU-plane triage, and no scoring pass);
+   * random_25       -- a random 25% of each micro-batch, all tokens (no scoring pass);
    * qtuning_25x70   -- Q-Tuning, 25% samples x 70% tokens of Q2 samples;
    * qtuning_12.5x50 -- Q-Tuning, 12.5% x 50%;
    * reversed_25x70  -- 25% x 70% with prune_highest_scores=False (paper's ablation);
    * triage_only_25  -- 25% samples, token_keep_ratio=1.0;
-   and two diagnostics that use the ground truth (not methods; outside the JSON
-   "accuracy" keys): oracle_clean (drop exactly the corrupted samples) and
+   and two diagnostics that use the ground truth (not methods): oracle_clean
+   (drop exactly the corrupted samples: the ceiling of any noise filter) and
    oracle_25 (25% of each micro-batch, fresh items first, never a corrupted one
    while a clean one is left).
-4. Held-out: 1000 clean problems, used only for the final greedy exact match.
-   Validation (500 clean problems) is used only to stop pre-training.
-   Neither set overlaps any training problem.
+4. Questions, each a set of runs:
+   * equal steps: every arm for 150 optimizer steps of micro-batch 32 (3 epochs);
+   * equal training time: each pruned arm for as many steps as full-data SFT's
+     150 cost at the arm's own median step time, both measured in the same run
+     (same seed, same condition) as CPU time of the one-thread process, which
+     the other processes of a shared machine disturb far less than wall time;
+     held-out exact match is evaluated at 5 points of every such run, for the
+     accuracy-vs-cost curves;
+   * noise level: every arm at 0%, 30%, 50% and 70% corrupted answers, both kinds
+     (equal steps);
+   * triage batch size: Q-Tuning 25% x 70% triaging the whole optimizer step
+     (`trainers.StepScopeTrainer`) at micro-batch 32 x accumulation 1, 4 x 8 and
+     1 x 32: the selections are compared step by step.
+5. Held-out: 1000 clean problems, used only to report exact match (final and
+   along the curves). Validation (500 clean problems) is used only to stop
+   pre-training. Neither set overlaps any training problem. No setting is
+   chosen by looking at the held-out split.
 
-The last printed line is one JSON object.
+The last printed line is one JSON object (accuracies in % held-out exact match).
 """
 
 from __future__ import annotations
@@ -58,6 +71,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -75,22 +89,52 @@ SEQ_LEN = PROMPT_LEN + ANSWER_DIGITS + 1  # ... dddd </s>
 
 PRETRAIN = dict(hidden=128, layers=3, heads=4, batch=64, lr=1e-3, warmup=100, target=0.35,
                 check_from=600, check_every=10, max_steps=2500, seed=0, version=1)
-SFT = dict(n_items=1600, frac_corrupt=0.30, frac_redundant=0.30, pool=80, batch=32, epochs=3,
+SFT = dict(n_items=1600, redundant_share_of_clean=3 / 7, pool=80, batch=32, epochs=3,
            lr=5e-4, warmup_ratio=0.05)
 N_TEST, N_VAL = 1000, 500
+NOISE_LEVELS = (0.0, 0.3, 0.5, 0.7)
+MAIN_LEVEL = 0.3  # the level of the equal-compute comparison and of the per-arm analysis
+CURVE_POINTS = 5  # held-out evaluations along each equal-compute run
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way to train: what the loss sees, and the shape of the optimizer step.
+
+    kind: "full" (every sample and token), "qtuning" (the plugin, with the
+    `QTuningConfig` keys in ``qtuning``), "random" (a random 25% of each
+    micro-batch), or the ground-truth diagnostics "oracle_clean" / "oracle_25".
+    triage_scope "step" triages micro_batch x grad_accum samples at once
+    (`trainers.StepScopeTrainer`); "micro_batch" is the plugin's current scope.
+    """
+
+    kind: str
+    qtuning: dict = field(default_factory=dict)
+    micro_batch: int = 32
+    grad_accum: int = 1
+    triage_scope: str = "micro_batch"
+
+    @property
+    def diagnostic(self) -> bool:
+        return self.kind.startswith("oracle")
+
+
+Q25x70 = dict(sample_keep_ratio=0.25, token_keep_ratio=0.7)
 ARMS = {
-    "full": None,
-    "random_25": "random",
-    "qtuning_25x70": dict(sample_keep_ratio=0.25, token_keep_ratio=0.7),
-    "qtuning_12.5x50": dict(sample_keep_ratio=0.125, token_keep_ratio=0.5),
-    "reversed_25x70": dict(sample_keep_ratio=0.25, token_keep_ratio=0.7, prune_highest_scores=False),
-    "triage_only_25": dict(sample_keep_ratio=0.25, token_keep_ratio=1.0),
+    "full": Arm("full"),
+    "random_25": Arm("random"),
+    "qtuning_25x70": Arm("qtuning", Q25x70),
+    "qtuning_12.5x50": Arm("qtuning", dict(sample_keep_ratio=0.125, token_keep_ratio=0.5)),
+    "reversed_25x70": Arm("qtuning", dict(Q25x70, prune_highest_scores=False)),
+    "triage_only_25": Arm("qtuning", dict(sample_keep_ratio=0.25, token_keep_ratio=1.0)),
     # Diagnostics with ground-truth knowledge (not methods): how harmful is the noise here,
     # and what is the best any 25% selection could do at this number of steps?
-    "oracle_clean": "oracle_clean",  # every non-corrupted sample of each micro-batch, all tokens
-    "oracle_25": "oracle_25",  # 25% of each micro-batch: fresh first, then redundant, never corrupted if avoidable
+    "oracle_clean": Arm("oracle_clean"),
+    "oracle_25": Arm("oracle_25"),
 }
-MAIN_ARMS = ("full", "random_25", "qtuning_25x70", "qtuning_12.5x50", "reversed_25x70", "triage_only_25")
+# The triage batch size question: one optimizer step of 32 samples, in three shapes.
+STEP_SCOPE_ARMS = {f"qtuning_25x70_step_{mbs}x{ga}": Arm("qtuning", Q25x70, mbs, ga, "step")
+                   for mbs, ga in ((32, 1), (4, 8), (1, 32))}
 TYPES = ("corrupted", "redundant", "fresh")
 
 
@@ -98,6 +142,13 @@ def encode(a: int, b: int, answer: str | None = None) -> list[int]:
     if answer is None:
         answer = str(a + b).zfill(ANSWER_DIGITS)
     return [BOS] + [STOI[c] for c in f"{a:0{DIGITS}d}+{b:0{DIGITS}d}="] + [STOI[c] for c in answer] + [EOS]
+
+
+def decode(row: torch.Tensor) -> tuple[int, int]:
+    """The problem (a, b) of an encoded row."""
+    text = "".join(CHARS[t - 3] for t in row[1:PROMPT_LEN - 1].tolist())
+    a, b = text.split("+")
+    return int(a), int(b)
 
 
 def key(a: int, b: int) -> int:
@@ -137,20 +188,20 @@ def build_model(settings: dict):
 
 
 @torch.no_grad()
-def greedy_correct(model, problems: list[tuple[int, int]], chunk: int = 500) -> torch.Tensor:
-    """[N] bool: greedy decoding of the answer (4 digits + </s>) is exactly right."""
+def greedy_correct(model, problems: list[tuple[int, int]]) -> torch.Tensor:
+    """[N] bool: greedy decoding of the answer (4 digits + </s>) is exactly right.
+
+    One teacher-forced forward: greedy decoding reproduces the answer iff the
+    arg-max at every answer position, given the true prefix, is the true token
+    (up to the first miss the decoded prefix is the true one). Same result as
+    decoding token by token, about 5 times faster.
+    """
     was_training = model.training
     model.eval()
-    out = []
-    for start in range(0, len(problems), chunk):
-        rows = torch.tensor([encode(a, b) for a, b in problems[start:start + chunk]])
-        x = rows[:, :PROMPT_LEN]
-        for _ in range(SEQ_LEN - PROMPT_LEN):
-            nxt = model(input_ids=x, use_cache=False, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
-            x = torch.cat([x, nxt], dim=1)
-        out.append((x[:, PROMPT_LEN:] == rows[:, PROMPT_LEN:]).all(dim=1))
+    rows = torch.tensor([encode(a, b) for a, b in problems])
+    logits = model(input_ids=rows[:, :-1], use_cache=False, logits_to_keep=SEQ_LEN - PROMPT_LEN).logits
     model.train(was_training)
-    return torch.cat(out)
+    return (logits.argmax(-1) == rows[:, PROMPT_LEN:]).all(dim=1)
 
 
 def batch_tensors(rows: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -218,11 +269,13 @@ class SFTSet(torch.utils.data.Dataset):
                 "idx": torch.tensor(i)}
 
 
-def build_sft_set(seed: int, model, exclude: set[int], noise: str = "digits") -> SFTSet:
+def build_sft_set(seed: int, model, exclude: set[int], noise: str, level: float) -> SFTSet:
+    """The SFT set of one seed: ``level`` x n_items corrupted by ``noise`` ("digits" or "answer"), the rest clean."""
     rng = random.Random(1000 + seed)
     used = set(exclude)
     n = SFT["n_items"]
-    n_bad, n_red = round(SFT["frac_corrupt"] * n), round(SFT["frac_redundant"] * n)
+    n_bad = round(level * n)
+    n_red = round(SFT["redundant_share_of_clean"] * (n - n_bad))
     n_fresh = n - n_bad - n_red
     # Redundant: a pool of problems the pre-trained model solves in both orders.
     pool = []
@@ -254,117 +307,55 @@ def build_sft_set(seed: int, model, exclude: set[int], noise: str = "digits") ->
     return SFTSet([r for _, r, _ in items], [k for k, _, _ in items], [p for _, _, p in items])
 
 
-# ----------------------------------------------------------------------------- trainers
-def trainer_classes():
-    from transformers import Trainer
-
-    from qtuning_plugin import QTuningTrainerMixin
-    from qtuning_plugin.modeling import final_hidden_states, lm_head_parameters, shifted_targets, unwrap_causal_lm
-    from qtuning_plugin.ops.backends import resolve_backend
-    from qtuning_plugin.trainer import kept_token_loss
-
-    class Recording:
-        """Records, per training micro-batch, the dataset indices and what the loss kept."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.records = []
-            self.tokens_with_gradient = 0
-            self._idx = None
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            self._idx = inputs.pop("idx", None)
-            if model.training and not self.qtuning_config.enabled:  # full-data arm: every label
-                self.tokens_with_gradient += int((inputs["labels"][:, 1:] != -100).sum())
-                self.records.append({"idx": self._idx.cpu(), "keep": torch.ones(len(self._idx), dtype=torch.bool)})
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-
-        def _select(self, *args, **kwargs):
-            sample_mask, token_mask = super()._select(*args, **kwargs)
-            sel = self.qtuning_last_selection
-            tri = sel.triage
-            self.tokens_with_gradient += int(token_mask.sum())
-            self.records.append({
-                "idx": self._idx.cpu(), "keep": sel.sample_mask.cpu(), "q2": sel.q2.cpu(),
-                "token_mask": sel.token_mask.cpu(), "ppl": sel.ppl.cpu(), "ent": sel.ent.cpu(),
-                "thr": (tri.ppl_hi, tri.ppl_lo, tri.ent_lo, tri.ent_hi), "step": self.state.global_step,
-            })
-            return sample_mask, token_mask
-
-    class QTuningTrainer(Recording, QTuningTrainerMixin, Trainer):
-        pass
-
-    class RandomPruneTrainer(Recording, QTuningTrainerMixin, Trainer):
-        """Random sample pruning at the same budget: keep round(r * B) random rows, all their tokens.
-
-        Same step as the mixin's two-pass path (forward + backward on the kept
-        rows only, mean cross-entropy over their tokens with the same fused op),
-        without the scoring forward, which a random choice does not need.
-        """
-
-        def qtuning_loss(self, model, inputs):
-            labels = inputs["labels"]
-            batch = labels.shape[0]
-            if self._qtuning_backend is None:
-                self._qtuning_backend = resolve_backend(self.qtuning_config.backend, labels.device)
-            gen = getattr(self, "_rand_gen", None)
-            if gen is None:
-                gen = self._rand_gen = torch.Generator().manual_seed(self.args.seed)
-            k = max(1, round(self.qtuning_config.sample_keep_ratio * batch))
-            perm = torch.randperm(batch, generator=gen)
-            oracle = getattr(self, "oracle", None)
-            if oracle:  # ground-truth diagnostics: rank by type, randomly within a type
-                kinds = [self.kinds[int(i)] for i in self._idx]
-                rank = {"fresh": 0, "redundant": 1, "corrupted": 2}
-                perm = torch.tensor(sorted(perm.tolist(), key=lambda j: rank[kinds[j]]))
-                if oracle == "oracle_clean":
-                    k = max(1, sum(kind != "corrupted" for kind in kinds))
-            rows = perm[:k].sort().values.to(labels.device)
-            sub = {key: value[rows] for key, value in inputs.items() if torch.is_tensor(value) and value.shape[:1] == (batch,)}
-            targets = shifted_targets(sub["labels"])
-            mask = targets != -100
-            weight, bias = lm_head_parameters(unwrap_causal_lm(model))
-            hidden = final_hidden_states(model, sub)
-            self.tokens_with_gradient += int(mask.sum())
-            keep = torch.zeros(batch, dtype=torch.bool)
-            keep[rows.cpu()] = True
-            self.records.append({"idx": self._idx.cpu(), "keep": keep, "step": self.state.global_step})
-            return kept_token_loss(self._qtuning_backend, hidden, weight, bias, targets, mask)
-
-    return QTuningTrainer, RandomPruneTrainer
+# ----------------------------------------------------------------------------- training
+def eval_steps(steps: int, points: int) -> set[int]:
+    """The optimizer steps after which a run evaluates the held-out set: ``points`` evenly spaced, the last one included."""
+    return {max(1, round(steps * k / points)) for k in range(1, points + 1)}
 
 
-def run_arm(arm: str, seed: int, base_state: dict, dataset: SFTSet, steps: int, out_dir: pathlib.Path, test):
+def run_arm(name: str, seed: int, base_state: dict, dataset: SFTSet, steps: int, out_dir: pathlib.Path, test,
+            curve_points: int = 1) -> dict:
+    """Train a copy of the pre-trained model as arm ``name`` for ``steps`` optimizer steps.
+
+    Returns the held-out exact match (%) after the last step and at ``curve_points``
+    evenly spaced steps (``curve``: step, tokens with gradient, accuracy), the
+    median and total time of its optimizer steps, CPU and wall-clock
+    (`trainers.StepClock`), and the records of what the loss kept.
+    """
     from transformers import TrainingArguments
 
     from qtuning_plugin import QTuningConfig
+    from trainers import QTuningTrainer, RandomPruneTrainer, StepClock, StepScopeTrainer
 
-    QTuningTrainer, RandomPruneTrainer = trainer_classes()
-    spec = ARMS[arm]
+    arm = ARMS.get(name) or STEP_SCOPE_ARMS[name]
     model = build_model(PRETRAIN)
     model.load_state_dict(base_state)
     args = TrainingArguments(
-        output_dir=str(out_dir / f"{arm}-{seed}"), per_device_train_batch_size=SFT["batch"], max_steps=steps,
-        learning_rate=SFT["lr"], lr_scheduler_type="cosine", warmup_steps=max(1, round(SFT["warmup_ratio"] * steps)), weight_decay=0.0,
-        seed=seed, data_seed=seed, use_cpu=True, report_to=[], save_strategy="no", logging_steps=max(1, steps // 4),
+        output_dir=str(out_dir / f"{name}-{seed}"), per_device_train_batch_size=arm.micro_batch,
+        gradient_accumulation_steps=arm.grad_accum, max_steps=steps, learning_rate=SFT["lr"], lr_scheduler_type="cosine",
+        warmup_steps=max(1, round(SFT["warmup_ratio"] * steps)), weight_decay=0.0, seed=seed, data_seed=seed,
+        use_cpu=True, report_to=[], save_strategy="no", logging_steps=max(1, steps // 4),
         dataloader_drop_last=True, disable_tqdm=True, remove_unused_columns=False,
     )
-    if spec is None:
+    if arm.kind == "full":
         cls, config = QTuningTrainer, QTuningConfig(enabled=False)
-    elif spec in ("random", "oracle_clean", "oracle_25"):
+    elif arm.kind == "qtuning":
+        cls = StepScopeTrainer if arm.triage_scope == "step" else QTuningTrainer
+        config = QTuningConfig(backend="torch", **arm.qtuning)
+    else:  # random and the oracles: 25% of each micro-batch (oracle_clean: every clean sample), all tokens
         cls, config = RandomPruneTrainer, QTuningConfig(sample_keep_ratio=0.25, token_keep_ratio=1.0)
-    else:
-        cls, config = QTuningTrainer, QTuningConfig(backend="torch", **spec)
     trainer = cls(model=model, args=args, train_dataset=dataset, qtuning_config=config)
-    if spec in ("oracle_clean", "oracle_25"):
-        trainer.oracle, trainer.kinds = spec, dataset.kinds
-    start = time.time()
-    with contextlib.redirect_stdout(io.StringIO()):
+    if arm.diagnostic:
+        trainer.oracle, trainer.kinds = arm.kind, dataset.kinds
+    clock = StepClock(eval_steps(steps, curve_points), lambda: 100 * float(greedy_correct(model, test).float().mean()),
+                      lambda: trainer.tokens_with_gradient)
+    trainer.add_callback(clock)
+    with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its logs
         trainer.train()
-    wall = time.time() - start
-    acc = float(greedy_correct(model, test).float().mean())
-    return {"acc": acc, "wall_s": wall, "tokens": trainer.tokens_with_gradient, "records": trainer.records,
+    return {"acc": clock.curve[-1]["acc"], "steps": steps, "curve": clock.curve, "tokens": trainer.tokens_with_gradient,
+            "median_step_cpu_s": statistics.median(clock.step_cpu_seconds), "train_cpu_s": sum(clock.step_cpu_seconds),
+            "median_step_wall_s": statistics.median(clock.step_seconds), "train_wall_s": sum(clock.step_seconds),
+            "records": trainer.records,
             "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)}
 
 
@@ -522,7 +513,7 @@ def spec_fidelity(model, dataset) -> dict:
     mask = targets != -100
     checked = agree = 0
     for arm in ("qtuning_25x70", "qtuning_12.5x50", "reversed_25x70", "triage_only_25"):
-        spec = ARMS[arm]
+        spec = ARMS[arm].qtuning
         cfg = QTuningConfig(**spec)
         for start in range(0, 320, SFT["batch"]):
             sl = slice(start, start + SFT["batch"])
@@ -535,54 +526,163 @@ def spec_fidelity(model, dataset) -> dict:
     return {"micro_batches_checked": checked, "identical_to_reference": agree}
 
 
-# ----------------------------------------------------------------------------- main
+def describe_set(base, dataset: SFTSet, into: dict):
+    """The EU plane of an SFT set under the pre-trained model (returned, medians per type stored in ``into``),
+    the SPEC fidelity check on it, and the share of its fresh items the pre-trained model already solves."""
+    ppl, ent, *_ = eu_plane(base, dataset)
+    into["eu_plane_at_start"] = {t: {
+        "median_ppl": float(ppl[[i for i, k in enumerate(dataset.kinds) if k == t]].median()),
+        "median_ent": float(ent[[i for i, k in enumerate(dataset.kinds) if k == t]].median())} for t in TYPES}
+    into["spec_fidelity"] = spec_fidelity(base, dataset)
+    fresh = [decode(dataset.rows[i]) for i, k in enumerate(dataset.kinds) if k == "fresh"]
+    into["fresh_items_already_solved"] = float(greedy_correct(base, fresh).float().mean())
+    return ppl.tolist(), ent.tolist(), dataset.kinds
+
+
+def triage_batch_sizes(plain_records, seed, base_state, dataset, steps, work, test, log) -> dict:
+    """The step-scope arms (`STEP_SCOPE_ARMS`): accuracy, step cost, and their selections step by step against
+    mbs 32 x GA 1's and against the plugin's own micro-batch triage at mbs 32 (``plain_records``)."""
+    out, reference = {}, None
+    for name in STEP_SCOPE_ARMS:
+        res = run_arm(name, seed, base_state, dataset, steps, work, test)
+        if reference is None:
+            reference = res["records"]
+        out[name] = {"acc": res["acc"], "median_step_cpu_s": res["median_step_cpu_s"], "tokens": res["tokens"],
+                     "same_as_32x1": same_selections(res["records"], reference),
+                     "same_as_plain_plugin_mbs32": same_selections(res["records"], plain_records)}
+        log(f"digits_30 seed {seed} {name}: acc {res['acc']:5.1f}, selection vs 32x1 {out[name]['same_as_32x1']}, "
+            f"vs the plugin at mbs 32 {out[name]['same_as_plain_plugin_mbs32']}")
+    return out
+
+
+# ----------------------------------------------------------------------------- summary
+def condition_name(kind: str, level: float) -> str:
+    return f"{kind if level else 'clean'}_{round(level * 100)}"
+
+
+def summarize_run(name: str, res: dict, dataset: SFTSet) -> dict:
+    """What is kept of one run: accuracy, curve, cost, and where the noise went (not the raw records)."""
+    arm = ARMS.get(name) or STEP_SCOPE_ARMS[name]
+    out = {key: value for key, value in res.items() if key != "records"}
+    out["bad_token_share"] = bad_token_share(res["records"], dataset)
+    if arm.kind == "qtuning":
+        out.update(noise_analysis(res["records"], dataset))
+    elif arm.kind != "full":
+        out.update(random_drop_pr(res["records"], dataset))
+    return out
+
+
+def step_cost_ratios(runs: dict, conditions: list[str], arms: list[str]) -> dict[str, float]:
+    """Each arm's step cost over full-data SFT's: the median, over the equal-step runs of ``conditions`` and seeds,
+    of its median step CPU time over full-data SFT's in the same condition and seed."""
+    ratios = {}
+    for name in arms:
+        pairs = [(run, full) for cond in conditions
+                 for run, full in zip(runs[cond]["equal_steps"][name], runs[cond]["equal_steps"]["full"])]
+        ratios[name] = statistics.median(run["median_step_cpu_s"] / full["median_step_cpu_s"] for run, full in pairs)
+    return ratios
+
+
+def add_costs(runs: list[dict], ratio: float, full_steps: int) -> None:
+    """Give every curve point its training cost, as a fraction of full-data SFT's ``full_steps`` steps."""
+    for run in runs:
+        for point in run["curve"]:
+            point["cost"] = point["step"] * ratio / full_steps
+
+
 def mean_std(xs):
     return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def plot(results, arms, plane, out_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    ax = axes[0]
-    means = [results[a]["acc_mean"] * 100 for a in arms]
-    stds = [results[a]["acc_std"] * 100 for a in arms]
-    palette = {"full": "#777777", "random_25": "#bbbbbb", "qtuning_25x70": "#1f77b4", "qtuning_12.5x50": "#2ca02c",
-               "reversed_25x70": "#d62728", "triage_only_25": "#9467bd", "oracle_clean": "#ffffff", "oracle_25": "#ffffff"}
-    bars = ax.bar(range(len(arms)), means, yerr=stds, capsize=4, color=[palette.get(a, "#cccccc") for a in arms], edgecolor="k")
-    for bar, a in zip(bars, arms):
-        if a not in MAIN_ARMS:
-            bar.set_hatch("//")
-    for i, a in enumerate(arms):
-        for v in results[a]["acc"]:
-            ax.plot(i, v * 100, "k.", ms=4)
-    ax.axhline(results["_pretrained_acc"] * 100, ls="--", c="k", lw=0.8, label="before SFT")
-    ax.set_xticks(range(len(arms)), arms, rotation=25, ha="right")
-    ax.set_ylabel("held-out exact match (%)")
-    ax.set_title("held-out accuracy (mean ± std, dots = seeds; hatched = oracle diagnostics)", fontsize=9)
-    ax.legend(loc="lower right")
-    ax = axes[1]
-    ppl, ent, kinds = plane
-    for kind, c in (("fresh", "#1f77b4"), ("redundant", "#ff7f0e"), ("corrupted", "#d62728")):
-        sel = [i for i, k in enumerate(kinds) if k == kind]
-        ax.scatter([math.log(ppl[i]) for i in sel], [ent[i] for i in sel], s=5, alpha=0.5, c=c, label=kind)
-    ax.set_xlabel("log PPL (error)")
-    ax.set_ylabel("mean entropy, nats (uncertainty)")
-    ax.set_title("EU plane of the SFT set (seed 0) under the pre-trained model")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+def aggregate(runs: list[dict]) -> dict:
+    """Mean (and std of the accuracy) over seeds; curves averaged point by point."""
+    m, s = mean_std([r["acc"] for r in runs])
+    out = {"acc": [r["acc"] for r in runs], "acc_mean": m, "acc_std": s}
+    for key in ("steps", "tokens", "median_step_cpu_s", "train_cpu_s", "median_step_wall_s", "train_wall_s", "bad_token_share", "noise_precision", "noise_recall",
+                "corrupted_in_q2", "q2_corrupted_all_bad_tokens_pruned"):
+        if key in runs[0]:
+            out[key] = statistics.mean(r[key] for r in runs)
+    if "quadrants" in runs[0]:
+        out["quadrants"] = {t: {q: statistics.mean(r["quadrants"][t][q] for r in runs) for q in runs[0]["quadrants"][t]}
+                            for t in TYPES}
+    out["curve"] = [{key: statistics.mean(r["curve"][i][key] for r in runs) for key in runs[0]["curve"][i]}
+                    for i in range(len(runs[0]["curve"]))]
+    return out
 
 
+def same_selections(records: list[dict], reference: list[dict]) -> dict:
+    """Steps whose selection (samples in order, kept, Q2, token mask) equals the reference's, and the first that does not."""
+    same = [len(a["idx"]) == len(b["idx"]) and all(torch.equal(a[k], b[k]) for k in ("idx", "keep", "q2", "token_mask"))
+            for a, b in zip(records, reference)]
+    first = next((i + 1 for i, ok in enumerate(same) if not ok), None)
+    return {"steps": len(reference), "identical_steps": sum(same) if len(records) == len(reference) else 0,
+            "first_different_step": first}
+
+
+def pct(x) -> str:
+    return f"{x * 100:.0f}%" if x is not None else "-"
+
+
+def tables(summary: dict, arms: list[str], main_conditions: list[str], ratios: dict, grid: dict, step_scope: dict) -> dict:
+    """The markdown tables printed and stored in the JSON."""
+    out = {}
+    for cond in main_conditions:
+        eq, et = summary[cond]["equal_steps"], summary[cond].get("equal_time", {})
+        lines = ["| arm | equal steps: exact match | tokens with gradient | step cost / full's | "
+                 "equal time: steps | exact match | tokens with gradient | run time / full's |", "|" + "---|" * 8]
+        for arm in arms:
+            r = eq[arm]
+            row = f"| {arm} | {r['acc_mean']:.1f} ± {r['acc_std']:.1f} | {r['tokens']:.0f} | "
+            row += f"{ratios[arm]:.2f} | " if arm in ratios else "- | "
+            if arm in et:
+                t = et[arm]
+                row += (f"{t['steps']:.0f} | {t['acc_mean']:.1f} ± {t['acc_std']:.1f} | {t['tokens']:.0f} | "
+                        f"{t['train_cpu_s'] / eq['full']['train_cpu_s']:.2f} |")
+            else:
+                row += "- | - | - | - |"
+            lines.append(row)
+        out[f"{cond}_compute"] = "\n".join(lines)
+        lines = ["| arm | drop precision (corrupted) | drop recall (corrupted) | corrupted in Q2 | "
+                 "Q2-corrupted with all bad tokens pruned | corrupted share of gradient tokens |", "|" + "---|" * 6]
+        for arm in arms:
+            r = eq[arm]
+            lines.append(f"| {arm} | {pct(r.get('noise_precision'))} | {pct(r.get('noise_recall'))} | "
+                         f"{pct(r.get('corrupted_in_q2'))} | {pct(r.get('q2_corrupted_all_bad_tokens_pruned'))} | "
+                         f"{r['bad_token_share'] * 100:.1f}% |")
+        out[f"{cond}_noise_analysis"] = "\n".join(lines)
+        lines = ["| arm | type | Q1 | Q2 (kept, pruned) | Q3 | Q4 (kept) | middle |", "|---|---|---|---|---|---|---|"]
+        for arm in arms:
+            if "quadrants" in eq[arm]:
+                for t in TYPES:
+                    q = eq[arm]["quadrants"][t]
+                    lines.append(f"| {arm} | {t} | " + " | ".join(pct(q[k]) for k in ("Q1", "Q2", "Q3", "Q4", "middle")) + " |")
+        out[f"{cond}_quadrants"] = "\n".join(lines)
+    columns = {cond: f"{kind} {level}%" if level else "no noise"
+               for kind, levels in grid.items() for level, cond in levels.items() if cond in summary}
+    lines = ["| arm | " + " | ".join(columns.values()) + " |", "|" + "---|" * (len(columns) + 1)]
+    for arm in arms:
+        lines.append(f"| {arm} | " + " | ".join(f"{summary[c]['equal_steps'][arm]['acc_mean']:.1f} ± "
+                                                f"{summary[c]['equal_steps'][arm]['acc_std']:.1f}" for c in columns) + " |")
+    out["noise_levels"] = "\n".join(lines)
+    if step_scope:
+        lines = ["| triage batch: micro-batch x accumulation | exact match | steps with the selection of 32 x 1 | "
+                 "first step that differs | median step, ms CPU |", "|---|---|---|---|---|"]
+        for name, r in step_scope.items():
+            same = r["same_as_32x1"]
+            lines.append(f"| {name.rsplit('_', 1)[1].replace('x', ' x ')} | {r['acc']:.1f} | "
+                         f"{same['identical_steps']} / {same['steps']} | {same['first_different_step'] or '-'} | "
+                         f"{r['median_step_cpu_s'] * 1000:.1f} |")
+        out["triage_batch"] = "\n".join(lines)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs' worth of steps, 500 test items")
-    parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--noise", choices=("digits", "answer"), default="digits",
-                        help="corruption: 1-2 answer digits replaced (default) or the whole answer redrawn (task-design variant)")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 seed, 40 steps, 500 held-out items, noise levels 0/30/70: the smoke test")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds at the 30%% level (default 3; --quick 1)")
+    parser.add_argument("--grid-seeds", type=int, default=None, help="seeds at the other noise levels (default 2; --quick 1)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--cache-dir", default=os.environ.get("QTUNING_QUALITY_CACHE", str(pathlib.Path.home() / ".cache/qtuning/quality")))
@@ -593,119 +693,101 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     logging.getLogger("qtuning_plugin").setLevel(logging.WARNING)
+    sys.path.insert(0, str(HERE))  # trainers.py, figures.py
+    import figures
+
     t0 = time.time()
     log = lambda msg: print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
-
-    seeds = list(range(args.seeds if args.seeds else (1 if args.quick else 3)))
     arms = args.arms.split(",")
-    steps = SFT["n_items"] * SFT["epochs"] // SFT["batch"]
-    if args.quick:
-        steps = SFT["n_items"] * 2 // SFT["batch"]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        parser.error(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
+    seeds_main = args.seeds or (1 if args.quick else 3)
+    seeds_grid = args.grid_seeds or (1 if args.quick else 2)
+    levels = (0.0, MAIN_LEVEL, 0.7) if args.quick else NOISE_LEVELS
+    steps = 40 if args.quick else SFT["n_items"] * SFT["epochs"] // SFT["batch"]
     test, val, exclude = eval_splits()
     if args.quick:
         test = test[:500]
+    # The 30% conditions first (equal compute), then the rest of the grid; 0% is one set for both kinds.
+    conditions = [(kind, MAIN_LEVEL) for kind in ("digits", "answer")]
+    conditions += [("digits", 0.0)] + [(kind, lv) for kind in ("digits", "answer") for lv in levels if lv not in (0.0, MAIN_LEVEL)]
+    main_conditions = [condition_name(kind, MAIN_LEVEL) for kind in ("digits", "answer")]
+    grid = {kind: {round(lv * 100): condition_name(kind, lv) for lv in levels} for kind in ("digits", "answer")}
 
     base, pre_info = pretrain(pathlib.Path(args.cache_dir), val, exclude, log)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    pre_acc = float(greedy_correct(base, test).float().mean())
-    log(f"pre-trained model: held-out exact match {pre_acc:.3f}; SFT: full fine-tuning, {steps} steps x micro-batch {SFT['batch']}")
+    pre_acc = 100 * float(greedy_correct(base, test).float().mean())
+    log(f"pre-trained model: held-out exact match {pre_acc:.1f}%; SFT: full fine-tuning, {steps} steps x {SFT['batch']} samples")
 
-    results = {a: {"acc": [], "wall_s": [], "tokens": [], "pr": [], "bad_share": []} for a in arms}
-    extra = {}
-    plane = None
     work = pathlib.Path(args.cache_dir) / "runs"
-    for seed in seeds:
-        dataset = build_sft_set(seed, base, exclude, args.noise)
-        fresh_idx = [i for i, k in enumerate(dataset.kinds) if k == "fresh"]
-        if seed == seeds[0]:
-            ppl, ent, *_ = eu_plane(base, dataset)
-            plane = (ppl.tolist(), ent.tolist(), dataset.kinds)
-            by_type = {t: {"median_ppl": float(ppl[[i for i, k in enumerate(dataset.kinds) if k == t]].median()),
-                           "median_ent": float(ent[[i for i, k in enumerate(dataset.kinds) if k == t]].median())} for t in TYPES}
-            extra["eu_plane_at_start"] = by_type
-            extra["spec_fidelity"] = spec_fidelity(base, dataset)
-            log(f"EU plane of the SFT set before SFT (medians): {json.dumps(by_type)}")
-            log(f"SPEC fidelity check: {extra['spec_fidelity']}")
-            fresh_solved = float(greedy_correct(base, [(int(''.join(str(d - 3) for d in dataset.rows[i, 1:4].tolist())),
-                                                        int(''.join(str(d - 3) for d in dataset.rows[i, 5:8].tolist())))
-                                                       for i in fresh_idx]).float().mean())
-            extra["fresh_items_already_solved"] = fresh_solved
-        for arm in arms:
-            res = run_arm(arm, seed, base_state, dataset, steps, work, test)
-            results[arm]["acc"].append(res["acc"])
-            results[arm]["wall_s"].append(res["wall_s"])
-            results[arm]["tokens"].append(res["tokens"])
-            results[arm]["bad_share"].append(bad_token_share(res["records"], dataset))
-            if ARMS[arm] in ("random", "oracle_clean", "oracle_25"):
-                results[arm]["pr"].append(random_drop_pr(res["records"], dataset))
-            elif ARMS[arm] is not None:
-                results[arm]["pr"].append(noise_analysis(res["records"], dataset))
-            log(f"seed {seed} {arm:>16}: acc {res['acc']:.3f}  tokens {res['tokens']:>6}  "
-                f"train wall {res['wall_s']:.1f}s  final loss {res['final_loss']}")
+    runs = defaultdict(lambda: {"equal_steps": defaultdict(list), "equal_time": defaultdict(list)})
+    extra, planes, step_scope, main_sets = defaultdict(dict), {}, {}, {}
+    # 1. Equal steps, every condition (the 30% ones with curves); the triage batch sizes on digits 30%.
+    for kind, level in conditions:
+        cond = condition_name(kind, level)
+        main_level = level == MAIN_LEVEL
+        for seed in range(seeds_main if main_level else seeds_grid):
+            dataset = build_sft_set(seed, base, exclude, kind, level)
+            if main_level:
+                main_sets[cond, seed] = dataset
+            if main_level and seed == 0:
+                planes[cond] = describe_set(base, dataset, extra[cond])
+                log(f"{cond}: EU plane before SFT (medians) {json.dumps(extra[cond]['eu_plane_at_start'])}; "
+                    f"SPEC fidelity {extra[cond]['spec_fidelity']}")
+            for name in arms:
+                res = run_arm(name, seed, base_state, dataset, steps, work, test, CURVE_POINTS if main_level else 1)
+                runs[cond]["equal_steps"][name].append(summarize_run(name, res, dataset))
+                log(f"{cond} seed {seed} {name:>16} {steps:4d} steps: acc {res['acc']:5.1f}  tokens {res['tokens']:>6}  "
+                    f"median step {res['median_step_cpu_s'] * 1000:.1f} ms CPU, {res['median_step_wall_s'] * 1000:.1f} ms wall")
+                if cond == "digits_30" and seed == 0 and name == "qtuning_25x70":
+                    step_scope = triage_batch_sizes(res["records"], seed, base_state, dataset, steps, work, test, log)
+    # 2. Each arm's step cost relative to full-data SFT's, from the 30% conditions' equal-step runs.
+    ratios = step_cost_ratios(runs, main_conditions, arms) if "full" in arms else {}
+    for cond in main_conditions:
+        for name, ratio in ratios.items():
+            add_costs(runs[cond]["equal_steps"][name], ratio, steps)
+    # 3. Equal training time: the pruned arms for full-data SFT's cost.
+    for (cond, seed), dataset in main_sets.items():
+        for name in (a for a in ratios if a != "full"):
+            n = max(1, round(steps / ratios[name]))
+            res = run_arm(name, seed, base_state, dataset, n, work, test, CURVE_POINTS)
+            runs[cond]["equal_time"][name].append(summarize_run(name, res, dataset))
+            add_costs(runs[cond]["equal_time"][name][-1:], ratios[name], steps)
+            log(f"{cond} seed {seed} {name:>16} {n:4d} steps (equal time): acc {res['acc']:5.1f}  tokens {res['tokens']:>6}")
 
-    summary = {"_pretrained_acc": pre_acc}
-    for arm in arms:
-        r = results[arm]
-        m, s = mean_std(r["acc"])
-        summary[arm] = {"acc": r["acc"], "acc_mean": m, "acc_std": s, "tokens": statistics.mean(r["tokens"]),
-                        "wall_s": statistics.mean(r["wall_s"]), "bad_token_share": statistics.mean(r["bad_share"])}
-        if r["pr"]:
-            for k in r["pr"][0]:
-                if k != "quadrants":
-                    summary[arm][k] = statistics.mean(p[k] for p in r["pr"])
-            if "quadrants" in r["pr"][0]:
-                summary[arm]["quadrants"] = {t: {q: statistics.mean(p["quadrants"][t][q] for p in r["pr"])
-                                                 for q in r["pr"][0]["quadrants"][t]} for t in TYPES}
-
-    # ---- table
-    header = f"| arm | held-out exact match (mean ± std, {len(seeds)} seeds) | tokens with gradient | train wall (s) | drop precision (corrupted) | drop recall (corrupted) | corrupted in Q2 | Q2-corrupted with all bad tokens pruned | corrupted share of gradient tokens |"
-    lines = [header, "|" + "---|" * 9]
-    for arm in arms:
-        r = summary[arm]
-        pr = lambda k, r=r: f"{r[k] * 100:.0f}%" if k in r else "-"
-        lines.append(f"| {arm} | {r['acc_mean'] * 100:.1f} ± {r['acc_std'] * 100:.1f} | {r['tokens']:.0f} | {r['wall_s']:.1f} | "
-                     f"{pr('noise_precision')} | {pr('noise_recall')} | {pr('corrupted_in_q2')} | {pr('q2_corrupted_all_bad_tokens_pruned')} | {r['bad_token_share'] * 100:.1f}% |")
-    table = "\n".join(lines)
-    print()
-    print(f"noise: {args.noise}; before SFT: {pre_acc * 100:.1f}% held-out exact match; {steps} SFT steps x {SFT['batch']}; seeds {seeds}")
-    print(table)
-    quad_lines = ["| arm | type | Q1 | Q2 (kept, pruned) | Q3 | Q4 (kept) | middle |", "|---|---|---|---|---|---|---|"]
-    for arm in arms:
-        if "quadrants" in summary[arm]:
-            for t in TYPES:
-                q = summary[arm]["quadrants"][t]
-                quad_lines.append(f"| {arm} | {t} | " + " | ".join(f"{q[k] * 100:.0f}%" for k in ("Q1", "Q2", "Q3", "Q4", "middle")) + " |")
-    quad_table = "\n".join(quad_lines)
-    print()
-    print("Where each ground-truth type lands during training (share of its occurrences, by the last bisection iterate):")
-    print(quad_table)
+    summary = {cond: {budget: {arm: aggregate(r) for arm, r in by_arm.items()} for budget, by_arm in by_budget.items() if by_arm}
+               for cond, by_budget in runs.items()}
+    tabs = tables(summary, arms, [c for c in main_conditions if c in summary], ratios, grid, step_scope)
+    print(f"\nbefore SFT: {pre_acc:.1f}% held-out exact match; {steps} SFT steps x {SFT['batch']} samples; "
+          f"seeds: {seeds_main} at {MAIN_LEVEL:.0%} noise, {seeds_grid} at the other levels")
+    for title, table in tabs.items():
+        print(f"\n{title}\n{table}")
 
     out = pathlib.Path(args.out)
-    suffix = ("_quick" if args.quick else "") + ("" if args.noise == "digits" else f"_{args.noise}")
-    if plane is not None:
-        plot(summary, arms, plane, out / f"quality{suffix}.png")
+    suffix = "_quick" if args.quick else ""
+    for cond in main_conditions:
+        if cond in planes:
+            figures.plot_arms(summary[cond], arms, planes[cond], pre_acc, f"{cond.replace('_', ' ')}% corrupted",
+                              out / f"quality{'' if cond == 'digits_30' else '_answer'}{suffix}.png")
+    if "full" in arms:
+        figures.plot_compute({c: summary[c] for c in main_conditions}, arms, pre_acc, out / f"quality_compute{suffix}.png")
+    figures.plot_noise(summary, grid, arms, pre_acc, out / f"quality_noise{suffix}.png")
+
+    accuracy = {f"{cond}/{budget}": {arm: round(s["acc_mean"], 2) for arm, s in by_arm.items()}
+                for cond, by_budget in summary.items() for budget, by_arm in by_budget.items()}
+    if step_scope:
+        accuracy["digits_30/triage_batch"] = {name: round(r["acc"], 2) for name, r in step_scope.items()}
     total = time.time() - t0
     result = {
-        "accuracy": {a: summary[a]["acc_mean"] for a in arms if a in MAIN_ARMS},
-        "diagnostic_accuracy": {a: summary[a]["acc_mean"] for a in arms if a not in MAIN_ARMS},
-        "noise_recall": summary.get("qtuning_25x70", {}).get("noise_recall"),
-        "noise_precision": summary.get("qtuning_25x70", {}).get("noise_precision"),
-        "accuracy_std": {a: summary[a]["acc_std"] for a in arms},
-        "accuracy_per_seed": {a: summary[a]["acc"] for a in arms},
-        "tokens_with_gradient": {a: summary[a]["tokens"] for a in arms},
-        "train_wall_s": {a: round(summary[a]["wall_s"], 2) for a in arms},
-        "noise_precision_recall_per_arm": {a: {k: summary[a][k] for k in ("noise_precision", "noise_recall") if k in summary[a]} for a in arms},
-        "corrupted_in_q2": {a: summary[a]["corrupted_in_q2"] for a in arms if "corrupted_in_q2" in summary[a]},
-        "q2_corrupted_all_bad_tokens_pruned": {a: summary[a]["q2_corrupted_all_bad_tokens_pruned"] for a in arms if "q2_corrupted_all_bad_tokens_pruned" in summary[a]},
-        "corrupted_share_of_gradient_tokens": {a: summary[a]["bad_token_share"] for a in arms},
-        "pretrained_accuracy": pre_acc,
-        "pretrain": pre_info,
-        "sft_steps": steps, "micro_batch": SFT["batch"], "seeds": seeds, "quick": args.quick, "noise": args.noise,
-        **extra,
+        "unit": "% held-out exact match", "accuracy": accuracy, "pretrained_accuracy": round(pre_acc, 2),
+        "sft_steps": steps, "step_cost_vs_full": {arm: round(r, 3) for arm, r in ratios.items()},
+        "seeds": {"noise_30": seeds_main, "other_levels": seeds_grid}, "quick": args.quick,
         "total_wall_s": round(total, 1),
     }
     (out / f"results{suffix}.json").write_text(json.dumps(
-        {**result, "summary": summary, "table": table, "quadrant_table": quad_table}, indent=2))
+        {**result, "pretrain": pre_info, "micro_batch": SFT["batch"], "curve_points": CURVE_POINTS, "summary": summary,
+         "triage_batch": step_scope, "conditions": extra, "tables": tabs}, indent=1))
     print(f"\ntotal wall time {total:.1f} s")
     print(json.dumps(result))
 

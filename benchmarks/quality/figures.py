@@ -1,0 +1,145 @@
+"""The quality benchmark's pictures (matplotlib, written as PNG).
+
+Every function takes the ``summary`` of `run.py` (per condition, per budget,
+per arm: ``acc_mean``/``acc_std`` in % held-out exact match, ``acc`` per seed,
+``curve`` points with ``step``, ``tokens``, ``acc`` and ``cost``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STYLE = {  # arm: (colour, line style, marker)
+    "full": ("#000000", "-", "o"),
+    "random_25": ("#8c8c8c", "--", "s"),
+    "qtuning_25x70": ("#1f77b4", "-", "D"),
+    "qtuning_12.5x50": ("#2ca02c", "-", "v"),
+    "reversed_25x70": ("#d62728", "-.", "^"),
+    "triage_only_25": ("#9467bd", "-.", "P"),
+    "oracle_clean": ("#555555", ":", "*"),
+    "oracle_25": ("#ff7f0e", ":", "X"),
+}
+
+
+def _style(arm: str) -> tuple[str, str, str]:
+    return STYLE.get(arm, ("#bcbd22", "-", "."))
+
+
+def _width(arm: str) -> float:
+    """Line width: the two arms the comparison is about stand out."""
+    return 2.5 if arm in ("full", "qtuning_25x70") else 1.5
+
+
+def _save_with_legend_below(fig, ax, ncol: int, legend_height: float, out_path) -> None:
+    """One legend for the figure (the entries of ``ax``) under the panels; write the PNG and close."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9)
+    fig.tight_layout(rect=(0, legend_height, 1, 1))
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+def plot_arms(cond_summary: dict, arms: list[str], plane, pre_acc: float, title: str, out_path) -> None:
+    """Left: accuracy per arm at equal steps and at equal training time. Right: the EU plane of the SFT set before SFT."""
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    ax = axes[0]
+    width = 0.4
+    for budget, offset, alpha in (("equal_steps", -width / 2, 1.0), ("equal_time", width / 2, 0.45)):
+        by_arm = cond_summary.get(budget, {})
+        xs = [i + offset for i, arm in enumerate(arms) if arm in by_arm]
+        present = [arm for arm in arms if arm in by_arm]
+        if not present:
+            continue
+        bars = ax.bar(xs, [by_arm[a]["acc_mean"] for a in present], width, yerr=[by_arm[a]["acc_std"] for a in present],
+               capsize=3, color=[_style(a)[0] for a in present], alpha=alpha, edgecolor="k",
+               label=budget.replace("_", " ") + ("" if budget == "equal_steps" else " (lighter)"))
+        for bar, arm in zip(bars, present):
+            if arm.startswith("oracle"):
+                bar.set_hatch("//")
+        for x, arm in zip(xs, present):
+            ax.plot([x] * len(by_arm[arm]["acc"]), by_arm[arm]["acc"], "k.", ms=4)
+    ax.axhline(pre_acc, ls="--", c="k", lw=0.8, label="before SFT")
+    ax.set_xticks(range(len(arms)), arms, rotation=25, ha="right")
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_title(f"{title}: mean ± std over seeds (dots); hatched: oracles that use the ground truth", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    ax = axes[1]
+    ppl, ent, kinds = plane
+    for kind, c in (("fresh", "#1f77b4"), ("redundant", "#ff7f0e"), ("corrupted", "#d62728")):
+        sel = [i for i, k in enumerate(kinds) if k == kind]
+        ax.scatter([math.log(ppl[i]) for i in sel], [ent[i] for i in sel], s=5, alpha=0.5, c=c, label=kind)
+    ax.set_xlabel("log PPL (error)")
+    ax.set_ylabel("mean entropy, nats (uncertainty)")
+    ax.set_title(f"EU plane of the SFT set ({title}, seed 0) under the pre-trained model", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+
+
+def plot_compute(summaries: dict, arms: list[str], pre_acc: float, out_path) -> None:
+    """Accuracy along training against its cost (top: time, bottom: tokens with gradient), one column per condition.
+
+    Lines: full-data SFT's run and each pruned arm's equal-time run, evaluated at
+    evenly spaced steps (the first point is the pre-trained model). Hollow
+    markers: each pruned arm's equal-step run, at its final cost.
+    """
+    conds = list(summaries)
+    fig, axes = plt.subplots(2, len(conds), figsize=(7 * len(conds), 10.5), squeeze=False)
+    for col, cond in enumerate(conds):
+        eq, et = summaries[cond]["equal_steps"], summaries[cond].get("equal_time", {})
+        for row, (key, scale, label) in enumerate((
+                ("cost", 1.0, "training time, as a fraction of full-data SFT's run (measured step times)"),
+                ("tokens", 1e-3, "tokens with gradient (thousands)"))):
+            ax = axes[row][col]
+            for arm in arms:
+                run = eq[arm] if arm == "full" else et.get(arm)
+                if run is None:
+                    continue
+                colour, line, marker = _style(arm)
+                xs = [0.0] + [p[key] * scale for p in run["curve"]]
+                ys = [pre_acc] + [p["acc"] for p in run["curve"]]
+                ax.plot(xs, ys, line, color=colour, marker=marker, ms=5, lw=_width(arm),
+                        label=f"{arm} ({run['steps']:.0f} steps)")
+                if arm != "full":
+                    last = eq[arm]["curve"][-1]
+                    ax.plot(last[key] * scale, last["acc"], marker, ms=9, mfc="none", mec=colour, mew=1.5)
+            if key == "cost":
+                ax.axvline(1.0, c="k", lw=0.6, ls=":")
+            ax.axhline(pre_acc, c="k", lw=0.6, ls="--", label="before SFT")
+            ax.set_xlabel(label, fontsize=9)
+            ax.set_ylabel("held-out exact match (%)")
+            ax.set_title(f"{cond.replace('_', ' ')}% corrupted: lines = equal-time runs; "
+                         "hollow = the same arm at equal steps", fontsize=9)
+            ax.grid(alpha=0.3)
+    _save_with_legend_below(fig, axes[0][0], 4, 0.06, out_path)
+
+
+def plot_noise(summary: dict, grid: dict, arms: list[str], pre_acc: float, out_path) -> None:
+    """Accuracy at equal steps against the share of corrupted answers, one panel per noise kind.
+
+    ``grid``: kind -> {level in %: condition name}. oracle_clean (drops exactly
+    the corrupted samples) is drawn as the ceiling of any noise filter.
+    """
+    fig, axes = plt.subplots(1, len(grid), figsize=(7 * len(grid), 5.5), squeeze=False)
+    for ax, (kind, levels) in zip(axes[0], grid.items()):
+        xs = sorted(lv for lv, cond in levels.items() if cond in summary)
+        for arm in arms:
+            colour, line, marker = _style(arm)
+            runs = [summary[levels[lv]]["equal_steps"][arm] for lv in xs]
+            ceiling = arm == "oracle_clean"
+            ax.errorbar(xs, [r["acc_mean"] for r in runs], yerr=[r["acc_std"] for r in runs], fmt=line, marker=marker,
+                        color=colour, lw=3 if ceiling else _width(arm),
+                        capsize=3, ms=5, label="oracle_clean (ceiling: drops exactly the corrupted)" if ceiling else arm)
+        ax.axhline(pre_acc, c="k", lw=0.6, ls="--", label="before SFT")
+        ax.set_xticks(xs, [f"{lv}%" for lv in xs])
+        ax.set_xlabel(f"corrupted answers ({kind}: " + ("1-2 digits replaced)" if kind == "digits" else "whole answer redrawn)"))
+        ax.set_ylabel("held-out exact match (%), equal steps")
+        ax.set_title(f"noise kind '{kind}': mean ± std over seeds", fontsize=9)
+        ax.grid(alpha=0.3)
+    _save_with_legend_below(fig, axes[0][0], 5, 0.1, out_path)
