@@ -44,7 +44,7 @@ tokens (vocabulary 16), a 3-layer Llama (hidden 128) built in-process.
    * noise level: every arm at 0%, 30%, 50% and 70% corrupted answers, both kinds
      (equal steps);
    * triage batch size: Q-Tuning 25% x 70% triaging the whole optimizer step
-     (`trainers.StepScopeTrainer`) at micro-batch 32 x accumulation 1, 4 x 8 and
+     (the plugin's `triage_scope: step`) at micro-batch 32 x accumulation 1, 4 x 8 and
      1 x 32: the selections are compared step by step.
 5. Held-out: 1000 clean problems, used only to report exact match (final and
    along the curves). Validation (500 clean problems) is used only to stop
@@ -104,8 +104,8 @@ class Arm:
     kind: "full" (every sample and token), "qtuning" (the plugin, with the
     `QTuningConfig` keys in ``qtuning``), "random" (a random 25% of each
     micro-batch), or the ground-truth diagnostics "oracle_clean" / "oracle_25".
-    triage_scope "step" triages micro_batch x grad_accum samples at once
-    (`trainers.StepScopeTrainer`); "micro_batch" is the plugin's current scope.
+    triage_scope is the plugin's ``qtuning.triage_scope``: "step" triages micro_batch x
+    grad_accum samples at once, "micro_batch" each micro-batch (the same at grad_accum 1).
     """
 
     kind: str
@@ -325,7 +325,7 @@ def run_arm(name: str, seed: int, base_state: dict, dataset: SFTSet, steps: int,
     from transformers import TrainingArguments
 
     from qtuning_plugin import QTuningConfig
-    from trainers import QTuningTrainer, RandomPruneTrainer, StepClock, StepScopeTrainer
+    from trainers import QTuningTrainer, RandomPruneTrainer, StepClock
 
     arm = ARMS.get(name) or STEP_SCOPE_ARMS[name]
     model = build_model(PRETRAIN)
@@ -340,10 +340,10 @@ def run_arm(name: str, seed: int, base_state: dict, dataset: SFTSet, steps: int,
     if arm.kind == "full":
         cls, config = QTuningTrainer, QTuningConfig(enabled=False)
     elif arm.kind == "qtuning":
-        cls = StepScopeTrainer if arm.triage_scope == "step" else QTuningTrainer
-        config = QTuningConfig(backend="torch", **arm.qtuning)
+        cls, config = QTuningTrainer, QTuningConfig(backend="torch", triage_scope=arm.triage_scope, **arm.qtuning)
     else:  # random and the oracles: 25% of each micro-batch (oracle_clean: every clean sample), all tokens
-        cls, config = RandomPruneTrainer, QTuningConfig(sample_keep_ratio=0.25, token_keep_ratio=1.0)
+        cls = RandomPruneTrainer
+        config = QTuningConfig(sample_keep_ratio=0.25, token_keep_ratio=1.0, triage_scope="micro_batch")
     trainer = cls(model=model, args=args, train_dataset=dataset, qtuning_config=config)
     if arm.diagnostic:
         trainer.oracle, trainer.kinds = arm.kind, dataset.kinds

@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 from transformers import Trainer, TrainerCallback
 
-from qtuning_plugin import QTuningTrainerMixin, select
+from qtuning_plugin import QTuningTrainerMixin
 from qtuning_plugin.callbacks import QTuningPlotCallback
-from qtuning_plugin.modeling import final_hidden_states, head_forward, lm_head_parameters, shifted_targets, unwrap_causal_lm
+from qtuning_plugin.modeling import final_hidden_states, lm_head_parameters, shifted_targets, unwrap_causal_lm
 from qtuning_plugin.ops.backends import resolve_backend
 from qtuning_plugin.trainer import kept_token_loss
 
@@ -43,6 +43,11 @@ class Recording:
         self._record_selection(self._idx, self.qtuning_last_selection)
         return sample_mask, token_mask
 
+    def _select_step(self, backend, micro_batches, *args):
+        token_masks, stats = super()._select_step(backend, micro_batches, *args)
+        self._record_selection(torch.cat([micro_batch["idx"] for micro_batch in micro_batches]), self.qtuning_last_selection)
+        return token_masks, stats
+
     def _record_selection(self, idx, sel) -> None:
         tri = sel.triage
         self.tokens_with_gradient += int(sel.token_mask.sum())
@@ -54,7 +59,7 @@ class Recording:
 
 
 class QTuningTrainer(Recording, QTuningTrainerMixin, Trainer):
-    """The plugin as shipped (micro-batch triage scope), recorded."""
+    """The plugin as shipped, recorded (either triage scope)."""
 
 
 class RandomPruneTrainer(Recording, QTuningTrainerMixin, Trainer):
@@ -100,80 +105,6 @@ class RandomPruneTrainer(Recording, QTuningTrainerMixin, Trainer):
         keep[rows.cpu()] = True
         self.records.append({"idx": self._idx.cpu(), "keep": keep, "step": self.state.global_step})
         return kept_token_loss(self._qtuning_backend, hidden, weight, bias, targets, mask)
-
-
-class StepScopeTrainer(Recording, QTuningTrainerMixin, Trainer):
-    """Triage of the optimizer step's whole mini-batch (micro_batch x grad_accum samples), in the benchmark.
-
-    The benchmark-side equivalent of the plugin's step triage scope (issue 12),
-    built on `Trainer.get_batch_samples`, which fetches all of a step's
-    micro-batches before the first forward:
-
-    1. each micro-batch is scored by a gradient-free forward (the plugin's
-       fused ``token_stats`` on the final hidden states);
-    2. one core `select` call triages the concatenation (SPEC section 4's
-       mini-batch) and prunes Q2 tokens;
-    3. the kept rows, in their order in the step, are regrouped into passes of
-       at most ``micro_batch`` rows; the step keeps ``grad_accum`` entries for
-       the Trainer's accumulation count, the unused ones empty (no forward, no
-       backward);
-    4. each pass's loss is its kept tokens' cross-entropy sum over the step's
-       kept-token count (SPEC section 6), so the step's gradient is that of one
-       batch of all kept tokens.
-
-    Rows here all have the same length (no padding to trim), and the
-    arms use no Q-Tuning warm-up steps.
-    """
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        micro_batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if not micro_batches:
-            return micro_batches, num_items_in_batch
-        config = self.qtuning_config
-        if self._qtuning_backend is None:
-            self._qtuning_backend = resolve_backend(config.backend, self.args.device)
-        backend = self._qtuning_backend
-        micro_batches = [self._prepare_inputs(micro_batch) for micro_batch in micro_batches]
-        self.model.train()  # as training_step does: the mode the plugin scores in
-        nll, entropy = [], []
-        with torch.no_grad():
-            for micro_batch in micro_batches:
-                inputs = {key: value for key, value in micro_batch.items() if key != "idx"}
-                targets = shifted_targets(inputs["labels"])
-
-                def stats(hidden, weight, bias, targets=targets):
-                    width = hidden.shape[-1]
-                    flat = backend.token_stats(hidden.reshape(-1, width).to(weight.dtype), weight, targets.reshape(-1),
-                                               bias=bias, chunk_size=config.chunk_size)
-                    return tuple(t.view(targets.shape) for t in flat)
-
-                micro_nll, micro_entropy = head_forward(self.model, inputs, stats)
-                nll.append(micro_nll)
-                entropy.append(micro_entropy)
-        step = {key: torch.cat([micro_batch[key] for micro_batch in micro_batches]) for key in micro_batches[0]}
-        mask = shifted_targets(step["labels"]) != -100
-        selection = select(torch.cat(nll), torch.cat(entropy), mask, config)
-        self._record(selection.stats, mask, selection.token_mask)
-        self._record_selection(step.pop("idx"), selection)
-        self._step_kept_tokens = int(selection.token_mask.sum())
-        kept_rows = selection.sample_mask.nonzero().squeeze(1)
-        passes = [{**{key: value[rows] for key, value in step.items()}, "qtuning_token_mask": selection.token_mask[rows]}
-                  for rows in kept_rows.split(self.args.per_device_train_batch_size)]
-        return passes + [{}] * (len(micro_batches) - len(passes)), num_items_in_batch
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if not inputs:  # an accumulation slot the regrouping left empty
-            return torch.zeros((), device=self.args.device)
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def qtuning_loss(self, model, inputs):
-        token_mask = inputs.pop("qtuning_token_mask")
-        targets = shifted_targets(inputs["labels"])
-        backend = self._qtuning_backend
-        loss = head_forward(model, inputs, lambda h, w, b: kept_token_loss(backend, h, w, b, targets, token_mask))
-        # kept_token_loss is this pass's mean; the Trainer divides by the step's number of passes.
-        # One Python factor (exactly 1.0 at grad_accum 1) keeps mbs 32 x GA 1 bit-identical to the plugin's path.
-        return loss * (int(token_mask.sum()) * self.current_gradient_accumulation_steps / max(1, self._step_kept_tokens))
 
 
 class StepClock(TrainerCallback):
