@@ -33,15 +33,22 @@ from torch import Tensor, nn
 
 from qtuning_plugin._logging import LOG
 from qtuning_plugin.config import QTuningConfig
-from qtuning_plugin.core import Segments, select
+from qtuning_plugin.core import Segments, is_packed, select
 from qtuning_plugin.distributed import default_sample_gather
 from qtuning_plugin.history import QTuningHistory
 from qtuning_plugin.modeling import head_forward, shifted_targets
 from qtuning_plugin.ops.backends import Backend, resolve_backend
+from qtuning_plugin.trainer_checks import check_trainer_settings
 
 
 def kept_token_loss(
-    backend: Backend, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, token_mask: Tensor
+    backend: Backend,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    token_mask: Tensor,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Mean cross-entropy (nats) over the kept tokens.
 
@@ -50,6 +57,7 @@ def kept_token_loss(
         weight, bias: the LM head, ``[V, H]`` and ``[V]`` or None.
         targets: ``[B, T]`` int64, already shifted.
         token_mask: ``[B, T]`` bool, the kept tokens.
+        label_smoothing: in [0, 1], as transformers' ``label_smoothing_factor``.
 
     Returns:
         A scalar; 0 with zero gradients when no token is kept.
@@ -57,7 +65,9 @@ def kept_token_loss(
     kept = int(token_mask.sum())
     # k-bit training keeps the head in float32 while the body may run in bf16.
     rows = hidden[token_mask].to(weight.dtype)
-    loss_sum = backend.linear_cross_entropy(rows, weight, targets[token_mask], bias=bias, reduction="sum")
+    loss_sum = backend.linear_cross_entropy(
+        rows, weight, targets[token_mask], bias=bias, reduction="sum", label_smoothing=label_smoothing
+    )
     return loss_sum / max(kept, 1)
 
 
@@ -92,6 +102,7 @@ class QTuningTrainerMixin:
         # Metrics, plot data and checkpointed state, in one place (qtuning_plugin.history).
         self.qtuning_history = QTuningHistory()
         if self.qtuning_config.enabled:
+            check_trainer_settings(self, self.qtuning_config.scoring)
             if not from_args:  # Axolotl's plugin has logged it already, before the model loaded
                 LOG.info("Q-Tuning is active: %s", self.qtuning_config.describe())
             from qtuning_plugin.callbacks import QTuningPlotCallback
@@ -104,12 +115,23 @@ class QTuningTrainerMixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        loss = self.qtuning_loss(model, inputs)
-        # Trainer.training_step divides by the accumulation steps unless it expects
-        # a loss already normalised by num_items_in_batch; ours never is.
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None and self.compute_loss_func is None:
+        loss = self.qtuning_loss(model, self.qtuning_prepare_inputs(model, inputs, num_items_in_batch))
+        # Trainer.training_step divides by the accumulation steps only where it expects a loss
+        # not normalised by num_items_in_batch (this condition); ours is a mean, so divide elsewhere.
+        trainer_divides = (
+            not self.model_accepts_loss_kwargs or num_items_in_batch is None
+        ) and self.compute_loss_func is None
+        if not trainer_divides:
             loss = loss / self.current_gradient_accumulation_steps
         return (loss, None) if return_outputs else loss
+
+    def qtuning_prepare_inputs(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> dict[str, Any]:
+        """A training micro-batch as the wrapped trainer's ``compute_loss`` would hand it to the model.
+
+        Here unchanged; the Axolotl trainer runs Axolotl's own preparation (its token counts for
+        throughput, model-specific input fix-ups).
+        """
+        return inputs
 
     def qtuning_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
         """The Q-Tuning loss of one training micro-batch (see the module docstring)."""
@@ -126,6 +148,7 @@ class QTuningTrainerMixin:
                 self._scoring(packed),
             )
         backend = self._qtuning_backend
+        smoothing = self.label_smoother.epsilon if self.label_smoother is not None else 0.0
         if not bool(mask.any()):
             LOG.warning("qtuning: a micro-batch without any trainable token; its loss is 0")
 
@@ -133,14 +156,14 @@ class QTuningTrainerMixin:
         # (`head_forward`), where FSDP/ZeRO-3 hold the head's full weight.
         if self.state.global_step < config.warmup_steps:
             self._record({"qtuning/warmup": 1.0}, mask, mask)
-            return head_forward(model, inputs, lambda h, w, b: kept_token_loss(backend, h, w, b, targets, mask))
+            return head_forward(model, inputs, lambda h, w, b: kept_token_loss(backend, h, w, b, targets, mask, smoothing))
 
         if self._scoring(packed) == "single_pass":
             segments = Segments.from_position_ids(inputs["position_ids"]) if packed else None
 
             def select_and_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
                 _, token_mask = self._select(backend, hidden.detach(), weight, bias, targets, mask, segments)
-                return kept_token_loss(backend, hidden, weight, bias, targets, token_mask)
+                return kept_token_loss(backend, hidden, weight, bias, targets, token_mask, smoothing)
 
             return head_forward(model, inputs, select_and_loss)
 
@@ -160,10 +183,13 @@ class QTuningTrainerMixin:
         if length is not None and length < labels.shape[1]:
             sub_inputs = {key: value[:, :length] if value.dim() >= 2 else value for key, value in sub_inputs.items()}
             sub_targets, sub_mask = sub_targets[:, :length], sub_mask[:, :length]
-        return head_forward(model, sub_inputs, lambda h, w, b: kept_token_loss(backend, h, w, b, sub_targets, sub_mask))
+        return head_forward(
+            model, sub_inputs, lambda h, w, b: kept_token_loss(backend, h, w, b, sub_targets, sub_mask, smoothing)
+        )
 
     def _is_packed(self, inputs: dict[str, Any]) -> bool:
-        return bool(getattr(self.args, "sample_packing", False)) and inputs.get("position_ids") is not None
+        position_ids = inputs.get("position_ids")
+        return position_ids is not None and is_packed(position_ids, inputs.get("attention_mask"))
 
     def _scoring(self, packed: bool) -> str:
         scoring = self.qtuning_config.scoring
