@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qtuning_plugin import QTuningConfig, select
-from qtuning_plugin.core import Segments, sample_stats
+from qtuning_plugin.core import Segments, is_packed, sample_stats
 
 
 def make_batch(batch=8, length=12, seed=0):
@@ -134,3 +134,18 @@ def test_packed_segments_round_trip():
     assert unpacked[2].tolist() == [5, 6, 7, 8, -1, -1]
     assert unpacked[3].tolist() == [9, 10, 11, 12, 13, 14]
     assert torch.equal(segments.repack(unpacked), values)
+
+
+@pytest.mark.parametrize(
+    "position_ids, attention_mask, packed",
+    [
+        ([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]], None, True),  # TRL padding_free / packing: no mask
+        ([[0, 1, 0, 1, 0], [0, 1, 2, 3, 0]], [[1, 1, 2, 2, 0], [1, 1, 1, 1, 0]], True),  # Axolotl: sample ids
+        ([[0, 1, 2, 0, 0], [0, 1, 2, 3, 4]], [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], False),  # right padding at 0
+        ([[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]], [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], False),  # left padding
+        ([[0, 1, 2, 3, 4]], None, False),
+    ],
+)
+def test_packing_is_recognised_from_position_ids_restarts(position_ids, attention_mask, packed):
+    mask = None if attention_mask is None else torch.tensor(attention_mask)
+    assert is_packed(torch.tensor(position_ids), mask) is packed
