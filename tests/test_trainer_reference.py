@@ -160,3 +160,36 @@ def test_selection_statistics_are_those_of_the_models_logits(tmp_path):
         ent = entropy[row][mask[row]].mean()
         torch.testing.assert_close(selection.ppl[row], ppl, atol=0, rtol=2e-5)
         torch.testing.assert_close(selection.ent[row], ent, atol=0, rtol=2e-5)
+
+
+def test_packed_rows_train_on_each_samples_own_loss(tmp_path):
+    """Samples packed into rows (position_ids restart; every token labelled, as in pretraining-
+    style packing, so that a row's boundary targets matter): with both keep ratios at 1 the loss
+    is each sample's own cross-entropy through the model alone, over all the step's targets, and
+    the target across a boundary (the next sample's first token) is not trained on."""
+    generator = torch.Generator().manual_seed(4)
+    lengths = [[5, 7, 4], [9, 6], [3, 8, 5]]
+    samples = [[torch.randint(3, 101, (n,), generator=generator) for n in row] for row in lengths]
+    width = max(sum(row) for row in lengths)
+    batch = {"input_ids": [], "labels": [], "position_ids": []}
+    for row in samples:
+        pad = width - sum(len(s) for s in row)
+        ids = torch.cat([*row, torch.zeros(pad, dtype=torch.long)])
+        batch["input_ids"].append(ids)
+        batch["labels"].append(torch.cat([*row, torch.full((pad,), -100)]))
+        batch["position_ids"].append(torch.cat([torch.arange(len(s)) for s in row] + [torch.arange(pad)]))
+    batch = {key: torch.stack(value) for key, value in batch.items()}
+
+    trainer = QTuningTrainer(
+        model=tiny_llama(seed=0), args=sgd_args(tmp_path, per_device_train_batch_size=3),
+        train_dataset=Rows(batch), qtuning_config=QTuningConfig(**ALL),
+    )
+    loss, delta = one_step(trainer)
+
+    model = tiny_llama(seed=0)
+    model.train()
+    total = sum(model(input_ids=s[None], labels=s[None]).loss * (len(s) - 1) for row in samples for s in row)
+    expected = total / sum(len(s) - 1 for row in samples for s in row)
+    expected.backward()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert_update_is(delta, {name: p.grad for name, p in model.named_parameters() if p.requires_grad})

@@ -6,14 +6,12 @@ transformers and torch)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
 
-pytest.importorskip("trl")
-from datasets import Dataset  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
 
-from qtuning_plugin import QTuningConfig, QTuningTrainerMixin  # noqa: E402
-
-from conftest import VOCAB, tiny_llama  # noqa: E402
+from conftest import VOCAB, tiny_llama
 
 SAMPLES = 8
 
