@@ -70,3 +70,14 @@ def test_a_forward_that_never_calls_the_head_falls_back_to_after_the_forward(mod
     finally:
         del causal_lm.forward
     assert shape == (8, 16, 32)
+
+
+def test_lora_on_the_lm_head_is_refused():
+    """A LoRA head's output is not ``hidden @ weight.T``: the fused ops would silently drop the adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(lora=False), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="LoRA on the LM head is not supported"):
+        head_forward(model, random_batch(seed=5), lambda h, w, b: h.sum())
