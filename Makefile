@@ -1,6 +1,7 @@
 # make test : set up .venv (cached per pyproject.toml) and run the whole test suite
 # make demo : set up .venv and train the tiny CPU example end to end with `axolotl train`
-.PHONY: setup test test-fast demo bench
+# make mutation : plant the bugs of scripts/mutants.toml one at a time; every one must be caught
+.PHONY: setup test test-fast demo bench mutation
 
 export HF_HUB_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
@@ -20,6 +21,9 @@ test-fast: setup
 demo: setup
 	.venv/bin/qtuning-build-tiny examples/tiny-model
 	.venv/bin/axolotl train examples/tiny-cpu-qtuning.yml
+
+mutation: setup
+	.venv/bin/python scripts/mutation.py
 
 bench: setup
 	.venv/bin/python benchmarks/ops_bench.py

@@ -155,9 +155,24 @@ def test_position_ids_absent_in_unpacked_batches(qtuning_run):
     assert all(label == -100 for label in batch["row_labels"][length:])
 
 
-def test_disabled_qtuning_trains_with_plain_loss(tiny_model, tmp_path):
-    config = tiny_config(tmp_path, tiny_model, steps=STEPS, qtuning={"enabled": False})
-    run = run_axolotl_train(config)
+@pytest.fixture(scope="module")
+def plain_run(tiny_model, tmp_path_factory) -> Run:
+    config = tiny_config(tmp_path_factory.mktemp("plain"), tiny_model, steps=STEPS, qtuning={"enabled": False})
+    return run_axolotl_train(config)
+
+
+def test_axolotl_token_counts_are_those_of_plain_axolotl(qtuning_run, plain_run):
+    """Axolotl's own `compute_loss` work still runs under Q-Tuning: the token counts behind its
+    `tokens/train_per_sec_per_gpu` metric are logged, and equal plain Axolotl's on the same data."""
+    check_finished(qtuning_run)
+    check_finished(plain_run)
+    counts = [entry.get("tokens/trainable") for entry in qtuning_run.train_logs()]
+    assert counts == [entry.get("tokens/trainable") for entry in plain_run.train_logs()]
+    assert None not in counts and counts == sorted(counts) and counts[0] > 0, counts
+
+
+def test_disabled_qtuning_trains_with_plain_loss(plain_run):
+    run = plain_run
     check_finished(run)
     logs = run.train_logs()
     assert not [key for entry in run.trainer_state()["log_history"] for key in entry if key.startswith("qtuning/")]

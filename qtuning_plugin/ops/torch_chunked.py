@@ -16,7 +16,6 @@ Under ``torch.autocast`` both ops run the LM-head matmul in the autocast dtype, 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator, Optional
 
 import torch
@@ -104,20 +103,15 @@ def _softmax_chunks(
 def _autocast_inputs(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     """The tensors in the autocast dtype of their device when autocast is on there, else unchanged.
 
-    As autocast casts an ``nn.Linear``'s operands: float64 tensors are left as they are.
+    As autocast casts an ``nn.Linear``'s operands (float64 ones are left as they are). With every
+    operand in that dtype, autocast changes nothing inside the ops: each chunk's matmul runs in it,
+    and the softmax and reductions in float32 as always.
     """
     device_type = next(t for t in tensors if t is not None).device.type
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
-
-
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast off on ``device_type`` if it is on: the chunks fix their own dtypes."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _valid_rows(targets: Tensor, ignore_index: int) -> Tensor:
@@ -251,8 +245,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         if ctx.reduction == "none":
-            with _autocast_off(grad_output.device.type):
-                _, *grads = _loss_and_grads(*ctx.saved_tensors, *ctx.options, ctx.needs_grad, grad_output)
+            _, *grads = _loss_and_grads(*ctx.saved_tensors, *ctx.options, ctx.needs_grad, grad_output)
         else:
             grads = [None if g is None else g * (grad_output / ctx.divisor) for g in ctx.saved_tensors]
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
@@ -300,8 +293,7 @@ def linear_cross_entropy(
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     chunk_size = _validate(hidden, weight, targets, bias, chunk_size, _GRAD_CHUNK_ELEMENTS)
-    with _autocast_off(hidden.device.type):
-        return _LinearCrossEntropy.apply(
-            hidden, weight, bias, targets, ignore_index, float(label_smoothing), reduction, chunk_size,
-            torch.is_grad_enabled(),
-        )
+    return _LinearCrossEntropy.apply(
+        hidden, weight, bias, targets, ignore_index, float(label_smoothing), reduction, chunk_size,
+        torch.is_grad_enabled(),
+    )
