@@ -267,9 +267,9 @@ def linear_cross_entropy(
 
     Equivalent to ``F.cross_entropy(hidden @ weight.T + bias, targets, ignore_index=ignore_index,
     reduction=reduction, label_smoothing=label_smoothing)`` with float32 softmax, but neither the
-    forward nor the backward holds the
-    ``[N, V]`` logits: memory is ``O(chunk_size * V)`` plus the gradients themselves. Differentiable
-    w.r.t. ``hidden``, ``weight`` and ``bias`` (only those that require grad are computed).
+    forward nor the backward holds the ``[N, V]`` logits: memory is ``O(chunk_size * V)`` plus the
+    gradients themselves. Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` (only those that
+    require grad are computed).
 
     Args:
         hidden: ``[N, H]`` hidden states (float32, bfloat16 or float16).
