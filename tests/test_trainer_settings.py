@@ -26,7 +26,6 @@ def build(tmp_path, model=None, config=None, **settings):
     return QTuningTrainer(
         model=model or tiny_llama(), args=args, train_dataset=Rows(random_batch()),
         qtuning_config=config or QTuningConfig(),
-        compute_loss_func=settings.pop("compute_loss_func", None),
     )
 
 
@@ -36,8 +35,9 @@ def plain_cross_entropy(outputs, labels, num_items_in_batch=None):
 
 
 def test_compute_loss_func_is_refused_with_gradient_accumulation(tmp_path):
-    """Q-Tuning's loss would replace it, and neither the mixin nor the Trainer would divide by
-    the accumulation steps (the Trainer leaves that to a compute_loss_func)."""
+    """A loss of the full logits that Q-Tuning's would silently replace (with gradient
+    accumulation the update was also 4x too large: the Trainer leaves the division by the
+    accumulation steps to a compute_loss_func); refused at start-up, and only under Q-Tuning."""
     args = TrainingArguments(
         output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", gradient_accumulation_steps=4
     )
