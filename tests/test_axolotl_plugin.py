@@ -187,11 +187,12 @@ def test_context_parallelism_is_refused_at_validation(plugin_manager):
 
 def test_axolotls_own_compute_loss_work_is_kept(tmp_path):
     """`AxolotlTrainer.compute_loss` counts the tokens behind `tokens/train_per_sec_per_gpu` and
-    fixes up model inputs (for Gemma 3 with sample packing it drops the attention mask, so that
-    transformers builds per-sample masks from position_ids): both still happen under Q-Tuning.
-    The tiny Llama's config says gemma3 to take that branch."""
+    fixes up model inputs (for Gemma 4 it adds zero `mm_token_type_ids`): under Q-Tuning both
+    still happen, in every forward of the step. The tiny Llama's config says gemma4 to take that
+    branch; one training step through `Trainer.train()`."""
     import torch
     from axolotl.core.training_args import AxolotlTrainingArguments
+    from datasets import Dataset
 
     from qtuning_plugin import QTuningConfig
     from qtuning_plugin.axolotl.trainer import AxolotlQTuningTrainer
@@ -199,25 +200,28 @@ def test_axolotls_own_compute_loss_work_is_kept(tmp_path):
     from conftest import random_batch, tiny_llama
 
     model = tiny_llama()
-    model.get_base_model().config.model_type = "gemma3"
+    model.get_base_model().config.model_type = "gemma4"
     args = AxolotlTrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", sample_packing=True
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", max_steps=1,
+        per_device_train_batch_size=8, logging_steps=1,
     )
     assert args.include_tkps
-    trainer = AxolotlQTuningTrainer(model=model, args=args, qtuning_config=QTuningConfig(sample_keep_ratio=0.5))
-    seen = []
-    hook = model.get_base_model().register_forward_pre_hook(
-        lambda _m, _a, kwargs: seen.append(sorted(kwargs)), with_kwargs=True
+    batch = random_batch(batch=8)
+    trainer = AxolotlQTuningTrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({key: value.tolist() for key, value in batch.items()}),
+        qtuning_config=QTuningConfig(sample_keep_ratio=0.5),
     )
-    inputs = random_batch(batch=4)
-    inputs["position_ids"] = torch.arange(16).remainder(8).expand(4, 16)  # two samples a row
-    inputs["attention_mask"][:] = 1
-    model.train()
-    trainer.compute_loss(model, inputs)
+    type_ids = []
+    hook = model.get_base_model().register_forward_pre_hook(
+        lambda _m, _a, kwargs: type_ids.append(kwargs.get("mm_token_type_ids")), with_kwargs=True
+    )
+    trainer.train()
     hook.remove()
-    assert seen and all("attention_mask" not in keys and "position_ids" in keys for keys in seen)
-    assert int(trainer.state.tokens["trainable"]) == int((inputs["labels"] != -100).sum())
-    assert int(trainer.state.tokens["total"]) == inputs["labels"].numel()
+    assert len(type_ids) == 2  # the scoring and the training forward
+    assert all(ids is not None and not ids.any() for ids in type_ids)
+    logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    assert logged["tokens/trainable"] == int((batch["labels"] != -100).sum())
+    assert logged["tokens/total"] == batch["labels"].numel()
 
 
 def test_llama3_example_passes_axolotl_validation_offline(plugin_manager):

@@ -19,10 +19,8 @@ class QTuningTrainer(QTuningTrainerMixin, Trainer):
 
 
 def build(tmp_path, model=None, config=None, **settings):
-    args = TrainingArguments(
-        output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", per_device_train_batch_size=4,
-        **settings,
-    )
+    defaults = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", per_device_train_batch_size=4)
+    args = TrainingArguments(**{**defaults, **settings})
     return QTuningTrainer(
         model=model or tiny_llama(), args=args, train_dataset=Rows(random_batch()),
         qtuning_config=config or QTuningConfig(),
@@ -84,27 +82,27 @@ def test_context_parallelism_is_refused(tmp_path, monkeypatch):
 def test_gradient_checkpointing_scores_without_warnings(tmp_path, scoring):
     """transformers' reentrant checkpointing warns "None of the inputs have requires_grad=True"
     on a forward without gradient: the scoring pass runs without checkpointing, and the
-    training forward still checkpoints, to the same loss."""
-    inputs = random_batch(seed=8)
+    training forward still checkpoints, to the same loss. One step through `Trainer.train()`."""
     config = QTuningConfig(scoring=scoring, sample_keep_ratio=0.5)
-    model = tiny_llama()
-    model.train()
-    reference = build(tmp_path, model=model, config=config).compute_loss(model, inputs)
+    settings = {"max_steps": 1, "per_device_train_batch_size": 8, "logging_steps": 1}
+    reference = build(tmp_path / "plain", config=config, **settings)
+    reference.train()
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-    assert layers
+    trainer = build(
+        tmp_path / "checkpointed", config=config, gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": True}, **settings,
+    )
+    layer = next(m for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer))
     calls = []
-    hook = layers[0].register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
-    trainer = build(tmp_path, model=model, config=config)
+    hook = layer.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loss = trainer.compute_loss(model, inputs)
-        loss.backward()
+        trainer.train()
     hook.remove()
     assert not [w for w in caught if "requires_grad" in str(w.message)], [str(w.message) for w in caught]
-    assert all(m.gradient_checkpointing for m in layers)
+    assert layer.gradient_checkpointing
     # The forward passes (scoring and training, or the single one), plus the recomputation of the
     # checkpointed training forward during the backward, the only call with gradient.
     assert calls == [False] * (2 if scoring == "two_pass" else 1) + [True]
-    torch.testing.assert_close(loss, reference)
+    losses = [next(e["loss"] for e in t.state.log_history if "loss" in e) for t in (reference, trainer)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
