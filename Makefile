@@ -2,7 +2,8 @@
 # make test-latest : the same suite on the newest Axolotl (0.21.0, Python 3.13), in the Debian
 #                    trixie root of scripts/latest-env.sh (built and cached on first use; needs root)
 # make demo : set up .venv and train the tiny CPU example end to end with `axolotl train`
-.PHONY: setup test test-latest test-fast demo bench
+# make mutation : plant the bugs of scripts/mutants.toml one at a time; every one must be caught
+.PHONY: setup test test-latest test-fast demo bench mutation
 
 export HF_HUB_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
@@ -25,6 +26,9 @@ test-fast: setup
 demo: setup
 	.venv/bin/qtuning-build-tiny examples/tiny-model
 	.venv/bin/axolotl train examples/tiny-cpu-qtuning.yml
+
+mutation: setup
+	.venv/bin/python scripts/mutation.py
 
 bench: setup
 	.venv/bin/python benchmarks/ops_bench.py

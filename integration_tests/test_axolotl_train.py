@@ -8,6 +8,7 @@ steps themselves take well under a second each.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import axolotl
@@ -17,6 +18,9 @@ from packaging.version import Version
 from safetensors.torch import load_file
 
 from axolotl_run import Run, run_axolotl_train, tiny_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import reference_triage  # noqa: E402  (SPEC section 4, shared with the unit tests)
 
 pytestmark = pytest.mark.integration
 
@@ -70,43 +74,6 @@ def check_loss_falls(run: Run, *, evaluated: bool = True) -> list[float]:
     evals = [entry["eval_loss"] for entry in run.trainer_state()["log_history"] if "eval_loss" in entry]
     assert len(evals) == 2 and evals[1] < evals[0], evals
     return losses
-
-
-def reference_triage(ppl: torch.Tensor, ent: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC section 4 (Algorithm 1 + fill-up), written out independently: ``(keep, q2)`` over valid samples."""
-    n = ppl.numel()
-    target = max(1, round(ratio * n))
-    lo, hi = 0.0, 0.49
-    for _ in range(10):
-        a = (lo + hi) / 2
-        ppl_hi, ppl_lo = torch.quantile(ppl, 1 - a), torch.quantile(ppl, a)
-        ent_lo, ent_hi = torch.quantile(ent, a), torch.quantile(ent, 1 - a)
-        q2 = (ppl > ppl_hi) & (ent <= ent_lo)
-        q4 = (ppl <= ppl_lo) & (ent > ent_hi)
-        kept = int(q2.sum() + q4.sum()) / n
-        if abs(kept - ratio) < 0.01:
-            break
-        if kept < ratio:
-            lo = a
-        else:
-            hi = a
-    missing = target - int((q2 | q4).sum())
-    if missing > 0:
-
-        def normalise(x):
-            span = x.max() - x.min()
-            return (x - x.min()) / span if span >= 1e-12 else torch.zeros_like(x)
-
-        p, e = normalise(ppl), normalise(ent)
-        support = torch.maximum(p - e, e - p)
-        candidates = [i for i in range(n) if not (q2[i] or q4[i])]
-        candidates.sort(key=lambda i: (-float(support[i]), i))
-        for i in candidates[:missing]:
-            if p[i] - e[i] >= e[i] - p[i]:
-                q2[i] = True
-            else:
-                q4[i] = True
-    return q2 | q4, q2
 
 
 def test_qtuning_trains_and_saves_adapter(qtuning_run):
@@ -198,9 +165,9 @@ def check_records_match_spec(selections: list[dict]) -> None:
         valid = trainable > 0
         ppl = torch.tensor(record["ppl"], dtype=torch.float64)[valid]
         ent = torch.tensor(record["ent"], dtype=torch.float64)[valid]
-        keep, q2 = reference_triage(ppl, ent, SAMPLE_KEEP)
-        assert torch.tensor(record["keep"])[valid].tolist() == keep.tolist(), f"step {step}"
-        assert torch.tensor(record["q2"])[valid].tolist() == q2.tolist(), f"step {step}"
+        reference = reference_triage(ppl.tolist(), ent.tolist(), SAMPLE_KEEP)
+        assert torch.tensor(record["keep"])[valid].tolist() == reference.keep, f"step {step}"
+        assert torch.tensor(record["q2"])[valid].tolist() == reference.q2, f"step {step}"
         kept_tokens = torch.tensor(record["kept_tokens"])
         for i, length in enumerate(record["trainable"]):
             if not record["keep"][i]:
@@ -228,9 +195,24 @@ def test_position_ids_absent_in_unpacked_batches(qtuning_run):
     assert all(label == -100 for label in batch["row_labels"][length:])
 
 
-def test_disabled_qtuning_trains_with_plain_loss(tiny_model, tmp_path):
-    config = tiny_config(tmp_path, tiny_model, steps=STEPS, qtuning={"enabled": False})
-    run = run_axolotl_train(config)
+@pytest.fixture(scope="module")
+def plain_run(tiny_model, tmp_path_factory) -> Run:
+    config = tiny_config(tmp_path_factory.mktemp("plain"), tiny_model, steps=STEPS, qtuning={"enabled": False})
+    return run_axolotl_train(config)
+
+
+def test_axolotl_token_counts_are_those_of_plain_axolotl(qtuning_run, plain_run):
+    """Axolotl's own `compute_loss` work still runs under Q-Tuning: the token counts behind its
+    `tokens/train_per_sec_per_gpu` metric are logged, and equal plain Axolotl's on the same data."""
+    check_finished(qtuning_run)
+    check_finished(plain_run)
+    counts = [entry.get("tokens/trainable") for entry in qtuning_run.train_logs()]
+    assert counts == [entry.get("tokens/trainable") for entry in plain_run.train_logs()]
+    assert None not in counts and counts == sorted(counts) and counts[0] > 0, counts
+
+
+def test_disabled_qtuning_trains_with_plain_loss(plain_run):
+    run = plain_run
     check_finished(run)
     logs = run.train_logs()
     assert not [key for entry in run.trainer_state()["log_history"] for key in entry if key.startswith("qtuning/")]

@@ -10,14 +10,15 @@ with a forward hook on the decoder body.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
-# Inputs the decoder needs; labels are left out so that the model computes no loss.
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
+# Inputs the model does not get: the labels (it must compute no loss), and the keywords we set.
+NOT_MODEL_INPUTS = ("labels", "shift_labels", "use_cache", "logits_to_keep")
 
 
 def unwrap_causal_lm(model: nn.Module) -> nn.Module:
@@ -85,6 +86,28 @@ def head_forward(model: nn.Module, inputs: dict[str, Any], fn: Callable[[Tensor,
     return _run(model, inputs, fn)
 
 
+@contextlib.contextmanager
+def _checkpointing_off_without_grad(model: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing off for a forward without gradient, back on after it.
+
+    Without gradient there is nothing to recompute, and torch's reentrant
+    checkpoint warns "None of the inputs have requires_grad=True" at every
+    layer. transformers' layers (and older models' decoders) checkpoint when
+    their ``gradient_checkpointing`` attribute is True.
+    """
+    if torch.is_grad_enabled():
+        yield
+        return
+    modules = [module for module in model.modules() if getattr(module, "gradient_checkpointing", False) is True]
+    for module in modules:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.gradient_checkpointing = True
+
+
 def _run(model: nn.Module, inputs: dict[str, Any], fn: Optional[Callable]) -> Any:
     causal_lm = unwrap_causal_lm(model)
     captured: list[Tensor] = []
@@ -109,7 +132,8 @@ def _run(model: nn.Module, inputs: dict[str, Any], fn: Optional[Callable]) -> An
     def keep_head_output(_module: nn.Module, _args: Any, output: Any) -> None:
         head_outputs.append(output)
 
-    model_inputs = {key: inputs[key] for key in MODEL_INPUT_KEYS if inputs.get(key) is not None}
+    # Every input but the labels, as `Trainer.compute_loss` passes them (model-specific extras included).
+    model_inputs = {key: value for key, value in inputs.items() if key not in NOT_MODEL_INPUTS and value is not None}
     # Without fn only the hidden states are wanted (the head runs on the last position); fn gets every position.
     extra = {"logits_to_keep": 1} if fn is None and _accepts_logits_to_keep(causal_lm) else {}
     outer_head = causal_lm.get_output_embeddings()
@@ -122,7 +146,8 @@ def _run(model: nn.Module, inputs: dict[str, Any], fn: Optional[Callable]) -> An
         # Registered after the wrappers' own hooks, so it sees the output as they left it.
         handles.append(outer_head.register_forward_hook(keep_head_output))
     try:
-        model(**model_inputs, use_cache=False, **extra)
+        with _checkpointing_off_without_grad(model):
+            model(**model_inputs, use_cache=False, **extra)
     finally:
         for handle in handles:
             handle.remove()

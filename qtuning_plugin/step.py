@@ -28,8 +28,7 @@ from torch import Tensor
 from qtuning_plugin.core import Segments
 from qtuning_plugin.distributed import all_gather_padded, world_size
 
-# Row-aligned ``[B, T]`` inputs carried into the training passes, and their padding values.
-ROW_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "labels")
+# Padding values of the channels past the end of a unit (0 for the others).
 _PAD = {"labels": -100, "targets": -100}
 
 #: Key of the training-pass entry in the micro-batches handed back to the Trainer.
@@ -61,7 +60,8 @@ class UnitTable:
     between ranks in one collective.
 
     Attributes:
-        columns: the name of each channel: some of `ROW_KEYS`, then ``targets`` and ``token_mask``.
+        columns: the name of each channel: the micro-batch's integer ``[B, T]`` inputs, then
+            ``targets`` and ``token_mask``.
         values: ``[K, L, C]`` int64, unit k's channel c at position t; past a unit's length, the
             channel's padding value (-100 for labels and targets, else 0).
         lengths: ``[K]`` int64, the positions in use of each unit (right padding trimmed).
@@ -131,9 +131,13 @@ def _padding(columns: tuple[str, ...], device: torch.device) -> Tensor:
 
 
 def _channels(inputs: dict[str, Any], targets: Tensor, token_mask: Tensor) -> tuple[tuple[str, ...], Tensor]:
-    """The `ROW_KEYS` present as ``[B, T]`` tensors, and every channel stacked: ``[B, T, C]`` int64."""
+    """The integer ``[B, T]`` inputs (token ids, masks, position and type ids, labels), and every
+    channel stacked: ``[B, T, C]`` int64."""
     shape = targets.shape
-    columns = [key for key in ROW_KEYS if torch.is_tensor(inputs.get(key)) and inputs[key].shape == shape]
+    columns = [
+        key for key, value in inputs.items()
+        if torch.is_tensor(value) and value.shape == shape and not value.is_floating_point()
+    ]
     values = torch.stack([inputs[key].long() for key in columns] + [targets, token_mask.long()], dim=-1)
     return (*columns, "targets", "token_mask"), values
 
@@ -151,7 +155,7 @@ def row_table(inputs: dict[str, Any], targets: Tensor, token_mask: Tensor, rows:
     """The rows ``rows`` (``[k]`` int64) of one unpacked micro-batch as units.
 
     Args:
-        inputs: the micro-batch, ``[B, T]`` tensors under (some of) `ROW_KEYS`.
+        inputs: the micro-batch (its integer ``[B, T]`` tensors are carried).
         targets: ``[B, T]`` int64 shifted labels.
         token_mask: ``[B, T]`` bool, the kept tokens.
     """

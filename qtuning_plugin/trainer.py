@@ -42,19 +42,26 @@ from torch import Tensor, nn
 
 from qtuning_plugin._logging import LOG
 from qtuning_plugin.config import QTuningConfig
-from qtuning_plugin.core import Segments, select
+from qtuning_plugin.core import Segments, is_packed, select
 from qtuning_plugin.distributed import default_sample_gather
 from qtuning_plugin.history import QTuningHistory
 from qtuning_plugin.modeling import head_forward, shifted_targets
 from qtuning_plugin.ops.backends import Backend, resolve_backend
 from qtuning_plugin.step import NO_PASS, PASS_KEY, TrainingPass, concat, no_pass, plan_step, row_table, segment_table
+from qtuning_plugin.trainer_checks import check_trainer_settings
 
 # Below this many samples per triage, sample_keep_ratio is too coarse to be honoured.
 MIN_TRIAGE_BATCH = 8
 
 
 def kept_token_loss_sum(
-    backend: Backend, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, token_mask: Tensor
+    backend: Backend,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    token_mask: Tensor,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Cross-entropy (nats) summed over the kept tokens.
 
@@ -63,21 +70,30 @@ def kept_token_loss_sum(
         weight, bias: the LM head, ``[V, H]`` and ``[V]`` or None.
         targets: ``[B, T]`` int64, already shifted.
         token_mask: ``[B, T]`` bool, the kept tokens.
+        label_smoothing: in [0, 1], as transformers' ``label_smoothing_factor``.
 
     Returns:
         A scalar; 0 with zero gradients when no token is kept.
     """
     # k-bit training keeps the head in float32 while the body may run in bf16.
     rows = hidden[token_mask].to(weight.dtype)
-    return backend.linear_cross_entropy(rows, weight, targets[token_mask], bias=bias, reduction="sum")
+    return backend.linear_cross_entropy(
+        rows, weight, targets[token_mask], bias=bias, reduction="sum", label_smoothing=label_smoothing
+    )
 
 
 def kept_token_loss(
-    backend: Backend, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, token_mask: Tensor
+    backend: Backend,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    token_mask: Tensor,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Mean cross-entropy (nats) over the kept tokens (`kept_token_loss_sum` / their count)."""
     kept = int(token_mask.sum())
-    return kept_token_loss_sum(backend, hidden, weight, bias, targets, token_mask) / max(kept, 1)
+    return kept_token_loss_sum(backend, hidden, weight, bias, targets, token_mask, label_smoothing) / max(kept, 1)
 
 
 def _pad_cat(parts: list[Tensor], fill: Union[float, bool]) -> Tensor:
@@ -121,6 +137,7 @@ class QTuningTrainerMixin:
         # Metrics, plot data and checkpointed state, in one place (qtuning_plugin.history).
         self.qtuning_history = QTuningHistory()
         if self.qtuning_config.enabled:
+            check_trainer_settings(self, self.qtuning_config)
             if not from_args:  # Axolotl's plugin has logged it already, before the model loaded
                 LOG.info("Q-Tuning is active: %s", self.qtuning_config.describe())
             self._warn_if_triage_batch_is_small()
@@ -161,7 +178,11 @@ class QTuningTrainerMixin:
         config = self.qtuning_config
         if not (config.enabled and config.triage_scope == "step" and batch_samples):
             return batch_samples, num_items_in_batch
-        passes = self._triage_step([self._prepare_inputs(batch) for batch in batch_samples])
+        model = self.model_wrapped
+        model.train()  # as training_step does; the scoring forward runs in the mode the loss is trained in
+        passes = self._triage_step(
+            [self.qtuning_prepare_inputs(model, self._prepare_inputs(batch)) for batch in batch_samples]
+        )
         if len(passes) > len(batch_samples):
             raise RuntimeError(f"qtuning: {len(passes)} training passes for {len(batch_samples)} micro-batches")
         slots = [no_pass(self.args.device) for _ in range(len(batch_samples) - len(passes))]
@@ -242,12 +263,18 @@ class QTuningTrainerMixin:
 
     def _pass_loss(self, model: nn.Module, inputs: dict[str, Any], training_pass: TrainingPass) -> Tensor:
         backend = self._backend(training_pass.targets.device, False)
+        smoothing = self._label_smoothing()
+        model_inputs = {key: value for key, value in inputs.items() if key != PASS_KEY}
         return head_forward(
             model,
-            inputs,
+            model_inputs,
             lambda h, w, b: training_pass.loss_scale
-            * kept_token_loss_sum(backend, h, w, b, training_pass.targets, training_pass.token_mask),
+            * kept_token_loss_sum(backend, h, w, b, training_pass.targets, training_pass.token_mask, smoothing),
         )
+
+    def _label_smoothing(self) -> float:
+        """transformers' ``label_smoothing_factor``, honoured by the fused loss."""
+        return self.label_smoother.epsilon if self.label_smoother is not None else 0.0
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
@@ -263,12 +290,23 @@ class QTuningTrainerMixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        loss = self.qtuning_loss(model, inputs)
-        # Trainer.training_step divides by the accumulation steps unless it expects
-        # a loss already normalised by num_items_in_batch; ours never is.
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None and self.compute_loss_func is None:
+        loss = self.qtuning_loss(model, self.qtuning_prepare_inputs(model, inputs, num_items_in_batch))
+        # Trainer.training_step divides by the accumulation steps only where it expects a loss
+        # not normalised by num_items_in_batch (this condition); ours is a mean, so divide elsewhere.
+        trainer_divides = (
+            not self.model_accepts_loss_kwargs or num_items_in_batch is None
+        ) and self.compute_loss_func is None
+        if not trainer_divides:
             loss = loss / self.current_gradient_accumulation_steps
         return (loss, None) if return_outputs else loss
+
+    def qtuning_prepare_inputs(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> dict[str, Any]:
+        """A training micro-batch as the wrapped trainer's ``compute_loss`` would hand it to the model.
+
+        Here unchanged; the Axolotl trainer runs Axolotl's own preparation (its token counts for
+        throughput, model-specific input fix-ups).
+        """
+        return inputs
 
     def qtuning_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
         """The Q-Tuning loss of one training micro-batch (see the module docstring)."""
@@ -278,6 +316,7 @@ class QTuningTrainerMixin:
         targets = shifted_targets(labels, inputs.get("position_ids") if packed else None)
         mask = targets != -100
         backend = self._backend(labels.device, packed)
+        smoothing = self._label_smoothing()
         if not bool(mask.any()):
             LOG.warning("qtuning: a micro-batch without any trainable token; its loss is 0")
 
@@ -285,14 +324,14 @@ class QTuningTrainerMixin:
         # (`head_forward`), where FSDP/ZeRO-3 hold the head's full weight.
         if self.state.global_step < config.warmup_steps:
             self._record({"qtuning/warmup": 1.0}, mask, mask)
-            return head_forward(model, inputs, lambda h, w, b: kept_token_loss(backend, h, w, b, targets, mask))
+            return head_forward(model, inputs, lambda h, w, b: kept_token_loss(backend, h, w, b, targets, mask, smoothing))
 
         if self._scoring(packed) == "single_pass":
             segments = Segments.from_position_ids(inputs["position_ids"]) if packed else None
 
             def select_and_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
                 _, token_mask = self._select(backend, hidden.detach(), weight, bias, targets, mask, segments)
-                return kept_token_loss(backend, hidden, weight, bias, targets, token_mask)
+                return kept_token_loss(backend, hidden, weight, bias, targets, token_mask, smoothing)
 
             return head_forward(model, inputs, select_and_loss)
 
@@ -312,7 +351,9 @@ class QTuningTrainerMixin:
         if length is not None and length < labels.shape[1]:
             sub_inputs = {key: value[:, :length] if value.dim() >= 2 else value for key, value in sub_inputs.items()}
             sub_targets, sub_mask = sub_targets[:, :length], sub_mask[:, :length]
-        return head_forward(model, sub_inputs, lambda h, w, b: kept_token_loss(backend, h, w, b, sub_targets, sub_mask))
+        return head_forward(
+            model, sub_inputs, lambda h, w, b: kept_token_loss(backend, h, w, b, sub_targets, sub_mask, smoothing)
+        )
 
     def _backend(self, device: torch.device, packed: bool) -> Backend:
         """The fused cross-entropy backend, resolved (and logged) on first use."""
@@ -328,7 +369,8 @@ class QTuningTrainerMixin:
         return self._qtuning_backend
 
     def _is_packed(self, inputs: dict[str, Any]) -> bool:
-        return bool(getattr(self.args, "sample_packing", False)) and inputs.get("position_ids") is not None
+        position_ids = inputs.get("position_ids")
+        return position_ids is not None and is_packed(position_ids, inputs.get("attention_mask"))
 
     def _scoring(self, packed: bool) -> str:
         scoring = self.qtuning_config.scoring

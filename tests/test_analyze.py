@@ -39,6 +39,58 @@ def test_both_triage_modes_keep_the_configured_fraction():
     assert "Q2 misconception" in table and "per mini-batch of 8" in table
 
 
+def test_scores_are_the_full_logits_statistics_in_float64():
+    """`score_dataset`'s per-sample PPL and Ent against each row alone through the model's own
+    logits, in float64: exp of the mean cross-entropy and the mean full-vocabulary entropy over
+    the trainable targets. Batches of 3 rows of different lengths, so that rows are padded."""
+    import torch
+    import torch.nn.functional as F
+
+    from qtuning_plugin.analyze import score_dataset
+
+    from conftest import random_batch, tiny_llama
+
+    batch = random_batch(batch=7, length=14, seed=5)
+    rows = []
+    for b in range(7):
+        used = int(batch["attention_mask"][b].sum()) - b % 3  # ragged lengths
+        rows.append({key: batch[key][b, :used].tolist() for key in ("input_ids", "labels")})
+    rows[4]["labels"] = [-100] * len(rows[4]["labels"])  # no trainable token
+    model = tiny_llama()
+    scores = score_dataset(model, rows, batch_size=3, pad_token_id=0, backend="torch", progress=False)
+
+    model.eval()
+    for row, ppl, ent, tokens in zip(rows, scores.ppl, scores.ent, scores.tokens):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].double()
+        targets = torch.tensor(row["labels"][1:])
+        mask = targets != -100
+        assert tokens == int(mask.sum())
+        if not mask.any():
+            assert math.isnan(ppl) and math.isnan(ent)
+            continue
+        logp = logits.log_softmax(-1)
+        expected_ppl = F.cross_entropy(logits[mask], targets[mask]).exp().item()
+        expected_ent = (-(logp.exp() * logp).sum(-1))[mask].mean().item()
+        assert ppl == pytest.approx(expected_ppl, rel=2e-5)
+        assert ent == pytest.approx(expected_ent, rel=2e-5)
+
+
+def test_quadrants_by_hand():
+    """The whole-set quadrants of hand-placed samples (thresholds worked out in
+    `test_triage.test_one_sample_per_quadrant_and_a_middle_band`), and the token fraction:
+    Q2 keeps floor(0.5 * 9) = 4 of its 9 tokens, Q4 all its 5."""
+    ppl = [10.0, 10.0, 1.0, 1.0, 5.0, 5.0, 5.0, 5.0]
+    ent = [3.0, 0.1, 0.1, 3.0, 1.5, 1.5, 1.5, 1.5]
+    tokens = [4, 9, 6, 5, 3, 3, 3, 3]
+    result = analyze_scores(Scores(ppl, ent, tokens), QTuningConfig(sample_keep_ratio=0.25), mini_batch=8)
+    assert [row["quadrant"] for row in result["rows"]] == ["Q1", "Q2", "Q3", "Q4"] + ["middle"] * 4
+    whole = result["summary"]["whole_set"]
+    assert whole["counts"] == {"Q1": 1, "Q2": 1, "Q3": 1, "Q4": 1, "middle": 4, "": 0}
+    assert whole["kept_sample_frac"] == 0.25
+    assert whole["trained_token_frac"] == pytest.approx((4 + 5) / 36)
+
+
 def test_outputs(tmp_path):
     result = analyze_scores(scores(), QTuningConfig(sample_keep_ratio=0.25), mini_batch=4)
     paths = write_outputs(result, str(tmp_path))

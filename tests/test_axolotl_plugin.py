@@ -218,6 +218,101 @@ def test_axolotl_validation_rejects_two_pass_with_packing_at_micro_batch_scope(p
     assert validate_config(cfg).qtuning["triage_scope"] == "step"
 
 
+def test_an_empty_qtuning_section_turns_qtuning_on_with_the_defaults(plugin_manager):
+    """`qtuning:` with nothing under it (YAML null), as the README says: a section turns it on."""
+    from axolotl.utils.config import validate_config
+
+    from qtuning_plugin import QTuningConfig
+    from qtuning_plugin.axolotl.plugin import QTuningPlugin
+    from qtuning_plugin.axolotl.trainer import AxolotlQTuningTrainer
+
+    raw = yaml.safe_load("qtuning:\n")
+    assert raw == {"qtuning": None}
+    cfg = _tiny_cfg()
+    cfg["qtuning"] = raw["qtuning"]
+    cfg = validate_config(cfg)
+    assert QTuningConfig.model_validate(cfg.qtuning) == QTuningConfig()
+    assert QTuningPlugin().get_trainer_cls(cfg) is AxolotlQTuningTrainer
+    without = _tiny_cfg()
+    del without["qtuning"]
+    assert QTuningPlugin().get_trainer_cls(validate_config(without)) is None
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("lora_target_modules", ["q_proj", "lm_head"]),
+        ("lora_target_modules", "lm_head"),
+        ("lora_target_modules", ".*(lm_head|q_proj)"),
+        ("lora_target_parameters", ["lm_head.weight"]),
+    ],
+)
+def test_lora_on_the_lm_head_is_refused_at_validation(plugin_manager, key, value):
+    from axolotl.utils.config import validate_config
+
+    cfg = _tiny_cfg()
+    cfg[key] = value
+    with pytest.raises(Exception, match=rf"LoRA on the LM head is not supported \({key}"):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear", ".*proj"])
+def test_lora_elsewhere_with_the_lm_head_trained_whole_is_accepted(plugin_manager, targets):
+    from axolotl.utils.config import validate_config
+
+    cfg = _tiny_cfg()
+    cfg.update(lora_target_modules=targets, lora_target_linear=True, lora_modules_to_save=["lm_head"])
+    assert validate_config(cfg).lora_modules_to_save == ["lm_head"]
+
+
+def test_context_parallelism_is_refused_at_validation(plugin_manager):
+    from axolotl.utils.config import validate_config
+
+    cfg = _tiny_cfg()
+    cfg["context_parallel_size"] = 2
+    with pytest.raises(Exception, match="qtuning: context_parallel_size: 2"):
+        validate_config(cfg)
+
+
+def test_axolotls_own_compute_loss_work_is_kept(tmp_path):
+    """`AxolotlTrainer.compute_loss` counts the tokens behind `tokens/train_per_sec_per_gpu` and
+    fixes up model inputs (for Gemma 4 it adds zero `mm_token_type_ids`): under Q-Tuning both
+    still happen, in every forward of the step. The tiny Llama's config says gemma4 to take that
+    branch; one training step through `Trainer.train()`."""
+    import torch
+    from axolotl.core.training_args import AxolotlTrainingArguments
+    from datasets import Dataset
+
+    from qtuning_plugin import QTuningConfig
+    from qtuning_plugin.axolotl.trainer import AxolotlQTuningTrainer
+
+    from conftest import random_batch, tiny_llama
+
+    model = tiny_llama()
+    model.get_base_model().config.model_type = "gemma4"
+    args = AxolotlTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", max_steps=1,
+        per_device_train_batch_size=8, logging_steps=1,
+    )
+    assert args.include_tkps
+    batch = random_batch(batch=8)
+    trainer = AxolotlQTuningTrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({key: value.tolist() for key, value in batch.items()}),
+        qtuning_config=QTuningConfig(sample_keep_ratio=0.5),
+    )
+    type_ids = []
+    hook = model.get_base_model().register_forward_pre_hook(
+        lambda _m, _a, kwargs: type_ids.append(kwargs.get("mm_token_type_ids")), with_kwargs=True
+    )
+    trainer.train()
+    hook.remove()
+    assert len(type_ids) == 2  # the scoring and the training forward
+    assert all(ids is not None and not ids.any() for ids in type_ids)
+    logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    assert logged["tokens/trainable"] == int((batch["labels"] != -100).sum())
+    assert logged["tokens/total"] == batch["labels"].numel()
+
+
 def test_llama3_example_passes_axolotl_validation_offline(plugin_manager):
     """Schema validation with the capabilities of a bf16 GPU; needs no hub access (loading the
     model config, which `axolotl train` does next in normalize_config, would)."""

@@ -103,3 +103,14 @@ def test_the_loss_backpropagates_through_the_hooks_on_the_head_output_and_input(
             handle.remove()
     loss.backward()
     assert log == ["output", "input"]
+
+
+def test_lora_on_the_lm_head_is_refused():
+    """A LoRA head's output is not ``hidden @ weight.T``: the fused ops would silently drop the adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(lora=False), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="LoRA on the LM head is not supported"):
+        head_forward(model, random_batch(seed=5), lambda h, w, b: h.sum())

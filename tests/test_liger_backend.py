@@ -15,6 +15,11 @@ that is not a multiple of the kernel block, ignored targets. They run
 
 The child also runs the CPU tests that import liger-kernel (``CHILD_ONLY``), so that its slow
 import happens once.
+
+Where triton and liger-kernel are installed, nothing here may skip for want of them: the fixtures
+import the modules without catching anything (a kernel that cannot run is an error, not a skip),
+and the parent checks in the child's JUnit report that every CPU parity test and every
+``CHILD_ONLY`` test passed, `CPU_PARITY_TESTS` of the former.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ElementTree
 
 import pytest
 import torch
@@ -40,6 +46,9 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 HAS_CUDA = torch.cuda.is_available()
 
+# The reasons a test may skip in the child: it needs CUDA, or it runs in the parent only.
+NEEDS_CUDA = "needs CUDA"
+PARENT_PROCESS = "runs in the parent process"
 DEVICES = [
     pytest.param(
         "cpu",
@@ -51,7 +60,7 @@ DEVICES = [
         "cuda",
         marks=[
             pytest.mark.cuda,
-            pytest.mark.skipif(not HAS_CUDA or IN_CHILD, reason="needs CUDA (and no Triton interpreter)"),
+            pytest.mark.skipif(not HAS_CUDA or IN_CHILD, reason=f"{NEEDS_CUDA} (and no Triton interpreter)"),
         ],
     ),
 ]
@@ -60,9 +69,21 @@ DEVICES = [
 CHILD_ONLY = pytest.mark.skipif(
     not IN_CHILD and HAS_TRITON, reason="runs in the child process of test_parity_under_triton_interpreter"
 )
-PARENT_ONLY = pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
+PARENT_ONLY = pytest.mark.skipif(IN_CHILD, reason=PARENT_PROCESS)
 DTYPES = [torch.float32, torch.bfloat16]
+BIASES = [False, True]
+LABEL_SMOOTHING = [0.0, 0.1]
 V, H = 37, 16  # V is not a multiple of any power-of-two block
+# The CPU parity tests the child must pass, one term per test function below.
+CPU_PARITY_TESTS = (
+    len(DTYPES)  # test_parity_kernel_on_shared_logits
+    + len(DTYPES) * len(BIASES)  # test_parity_triton_token_stats
+    + 1  # test_parity_triton_extremes
+    + len(DTYPES) * len(BIASES) * len(LABEL_SMOOTHING)  # test_parity_liger_loss_and_gradients
+    + 1  # test_parity_liger_loss_edge_cases
+    + len(DTYPES) * len(BIASES)  # test_parity_liger_token_stats
+    + 1  # test_parity_trainer_loss_liger_vs_torch
+)
 
 
 def _tolerances(dtype: torch.dtype) -> dict:
@@ -81,36 +102,24 @@ def _problem(device: str, dtype: torch.dtype, rows: int = 24, bias: bool = False
     return hidden, weight, bias_, targets.to(device)
 
 
-# --------------------------------------------------------------------- probes (skip cleanly)
+# ----------------------------------------------- the modules under test (skip only if absent)
 @pytest.fixture(scope="module")
 def triton_stats():
-    """`qtuning_plugin.ops.triton_stats` if its kernel runs here, else skip with the reason."""
+    """`qtuning_plugin.ops.triton_stats`; skips only where triton is not installed."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    try:
-        from qtuning_plugin.ops import triton_stats as module
+    from qtuning_plugin.ops import triton_stats as module
 
-        device = "cpu" if IN_CHILD else "cuda"
-        module.logits_stats(torch.zeros(1, 4, device=device), torch.zeros(1, dtype=torch.long, device=device))
-    except Exception as error:  # pragma: no cover - depends on the Triton build
-        pytest.skip(f"our Triton kernel cannot run here: {type(error).__name__}: {error}")
     return module
 
 
 @pytest.fixture(scope="module")
 def liger_ops():
-    """`qtuning_plugin.ops.liger` if Liger's fused linear cross-entropy runs here, else skip with the reason."""
+    """`qtuning_plugin.ops.liger`; skips only where triton or liger-kernel is not installed."""
     if not (HAS_TRITON and HAS_LIGER):
         pytest.skip("liger-kernel (and triton) are not installed")
-    try:
-        from qtuning_plugin.ops import liger as module
+    from qtuning_plugin.ops import liger as module
 
-        device = "cpu" if IN_CHILD else "cuda"
-        x = torch.zeros(2, 4, device=device, requires_grad=True)
-        weight, targets = torch.zeros(3, 4, device=device), torch.zeros(2, dtype=torch.long, device=device)
-        module.linear_cross_entropy(x, weight, targets)
-    except Exception as error:  # pragma: no cover - depends on the Triton / liger-kernel builds
-        pytest.skip(f"Liger's LigerFusedLinearCrossEntropyFunction cannot run here: {type(error).__name__}: {error}")
     return module
 
 
@@ -165,7 +174,7 @@ def test_auto_picks_liger_where_it_can_run(monkeypatch, caplog):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.skipif(not HAS_CUDA, reason=NEEDS_CUDA)
 def test_auto_on_cuda_picks_liger_when_installed():
     expected = "liger" if liger_problem("cuda") is None else "torch"
     assert resolve_backend("auto", "cuda").name == expected
@@ -202,7 +211,7 @@ def test_parity_kernel_on_shared_logits(device, dtype, triton_stats):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("bias", BIASES, ids=["nobias", "bias"])
 def test_parity_triton_token_stats(device, dtype, bias, triton_stats):
     hidden, weight, bias_, targets = _problem(device, dtype, bias=bias)
     ref = torch_chunked.token_stats(hidden, weight, targets, bias=bias_, chunk_size=7)
@@ -233,18 +242,20 @@ def test_parity_triton_extremes(device, triton_stats):
 
 
 # ------------------------------------------------------------------------- parity (Liger)
-def _loss_and_grads(fn, hidden, weight, bias, targets, scale):
+def _loss_and_grads(fn, hidden, weight, bias, targets, scale, label_smoothing):
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
-    loss = fn(leaves[0], leaves[1], targets, bias=leaves[2], reduction="sum")
+    loss = fn(leaves[0], leaves[1], targets, bias=leaves[2], reduction="sum", label_smoothing=label_smoothing)
     (loss * scale).backward()
     return loss.detach(), [None if t is None else t.grad for t in leaves]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_parity_liger_loss_and_gradients(device, dtype, bias, liger_ops):
-    """Liger's fused linear CE (reduction=sum) against the torch op: loss and d/d(hidden, weight, bias).
+@pytest.mark.parametrize("bias", BIASES, ids=["nobias", "bias"])
+@pytest.mark.parametrize("label_smoothing", LABEL_SMOOTHING, ids=["plain", "smoothed"])
+def test_parity_liger_loss_and_gradients(device, dtype, bias, label_smoothing, liger_ops):
+    """Liger's fused linear CE (reduction=sum) against the torch op: loss and d/d(hidden, weight, bias),
+    with and without label smoothing.
 
     The upstream gradient is 1 / kept tokens, as in our trainer (Liger rescales its stored
     gradients only when it is not 1), and 1.
@@ -254,8 +265,9 @@ def test_parity_liger_loss_and_gradients(device, dtype, bias, liger_ops):
     # Liger adds a bf16 bias in bf16, the torch op in float32.
     tol = _tolerances(dtype) if not (bias and dtype == torch.bfloat16) else {"atol": 5e-2, "rtol": 1e-2}
     for scale in (1.0 / kept, 1.0):
-        loss, grads = _loss_and_grads(liger_ops.linear_cross_entropy, hidden, weight, bias_, targets, scale)
-        ref_loss, ref_grads = _loss_and_grads(torch_chunked.linear_cross_entropy, hidden, weight, bias_, targets, scale)
+        args = (hidden, weight, bias_, targets, scale, label_smoothing)
+        loss, grads = _loss_and_grads(liger_ops.linear_cross_entropy, *args)
+        ref_loss, ref_grads = _loss_and_grads(torch_chunked.linear_cross_entropy, *args)
         torch.testing.assert_close(loss.float(), ref_loss.float(), **tol)
         for grad, ref in zip(grads, ref_grads):
             assert (grad is None) == (ref is None)
@@ -290,7 +302,7 @@ def test_parity_liger_loss_edge_cases(device, liger_ops):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("bias", BIASES, ids=["nobias", "bias"])
 def test_parity_liger_token_stats(device, dtype, bias, liger_ops):
     """The liger backend's statistics (Liger's scaled CE where usable, else our Triton kernel)."""
     hidden, weight, bias_, targets = _problem(device, dtype, bias=bias)
@@ -343,7 +355,7 @@ def test_liger_token_stats_glue_for_scaled_ce(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.cutedsl
-@pytest.mark.skipif(IN_CHILD or not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.skipif(IN_CHILD or not HAS_CUDA, reason=NEEDS_CUDA)
 def test_parity_liger_scaled_ce_on_hopper(liger_ops):
     """Liger >= 0.8.2's fused scaled cross-entropy (sm90, bf16, no bias) against the torch op."""
     if not liger_ops.scaled_ce_usable(torch.device("cuda")):
@@ -388,22 +400,45 @@ def test_parity_trainer_loss_liger_vs_torch(device, liger_ops, tmp_path):
 
 
 # ----------------------------------------------------------- the interpreter child process
+def _junit_outcomes(path) -> dict[str, str]:
+    """``{test name: "passed" | "skipped: <reason>" | "failure" | "error"}`` from a JUnit XML report."""
+    outcomes = {}
+    for case in ElementTree.parse(path).iter("testcase"):
+        outcome = "passed"
+        for child in case:
+            if child.tag == "skipped":
+                outcome = f"skipped: {child.get('message', '')}"
+            elif child.tag in ("failure", "error"):
+                outcome = child.tag
+        outcomes[case.get("name")] = outcome
+    return outcomes
+
+
 @PARENT_ONLY
-def test_parity_under_triton_interpreter():
-    """Run this module on CPU in a child pytest with ``TRITON_INTERPRET=1``: every ``test_parity_*``
-    and the ``CHILD_ONLY`` tests (``PARENT_ONLY`` ones skip there)."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
+def test_parity_under_triton_interpreter(tmp_path):
+    """Run this module on CPU in a child pytest with ``TRITON_INTERPRET=1``: every CPU
+    ``test_parity_*`` (`CPU_PARITY_TESTS` of them) and every ``CHILD_ONLY`` test must pass there;
+    a skip counts as a failure, except of the CUDA and parent-process tests."""
+    if not (HAS_TRITON and HAS_LIGER):
+        pytest.skip("triton and liger-kernel are not installed")
+    report = tmp_path / "child.xml"
     env = {**os.environ, "TRITON_INTERPRET": "1", CHILD_ENV: "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__]
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={report}", __file__]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(__file__))
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"interpreted parity tests failed (rc {proc.returncode}):\n{output[-8000:]}"
-    summary = [line for line in proc.stdout.splitlines() if re.search(r"\d+ (passed|skipped)", line)][-1]
-    print(f"TRITON_INTERPRET=1 child: {summary}")
-    if " passed" not in summary:
-        skips = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("SKIPPED"))
-        pytest.skip(f"nothing ran under the Triton interpreter:\n{skips}")
+    outcomes = _junit_outcomes(report)
+    bad_skips = {
+        name: outcome for name, outcome in outcomes.items()
+        if outcome.startswith("skipped") and NEEDS_CUDA not in outcome and PARENT_PROCESS not in outcome
+    }
+    assert not bad_skips, f"skipped under the Triton interpreter: {bad_skips}"
+    parity = {name: outcome for name, outcome in outcomes.items() if name.startswith("test_parity_") and "cpu" in name}
+    passed = [name for name, outcome in parity.items() if outcome == "passed"]
+    assert len(passed) == len(parity) == CPU_PARITY_TESTS, f"{len(passed)} of {CPU_PARITY_TESTS} passed: {parity}"
+    child_only = ["test_auto_picks_liger_where_it_can_run", "test_final_hidden_states_through_liger_lce_forward"]
+    assert all(outcomes.get(name) == "passed" for name in child_only), {name: outcomes.get(name) for name in child_only}
+    print(f"TRITON_INTERPRET=1 child: {len(passed)} CPU parity tests passed; {len(outcomes)} tests in all")
 
 
 # ------------------------------------------------- coexistence with Liger's lce_forward

@@ -229,3 +229,57 @@ def test_invalid_reduction():
     hidden, weight, b, targets = make_inputs()
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(hidden, weight, targets, reduction="avg")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [5, None])
+def test_label_smoothing_matches_reference(reduction, dtype, chunk_size):
+    """``F.cross_entropy(..., label_smoothing=0.1)`` (the semantics of transformers' LabelSmoother)."""
+    hidden, weight, b, targets = make_inputs(dtype=dtype)
+    grad_out = torch.randn(13, generator=torch.Generator().manual_seed(1)) if reduction == "none" else None
+    leaves = [t.double().requires_grad_() for t in (hidden, weight, b)]
+    ref_loss = F.cross_entropy(
+        reference_logits(*leaves), targets, ignore_index=IGNORE, reduction=reduction, label_smoothing=0.1
+    )
+    (ref_loss if grad_out is None else ref_loss * grad_out.double()).sum().backward()
+
+    hidden, weight, b = (t.requires_grad_() for t in (hidden, weight, b))
+    loss = linear_cross_entropy(
+        hidden, weight, targets, bias=b, reduction=reduction, chunk_size=chunk_size, label_smoothing=0.1
+    )
+    assert_close(loss, ref_loss.detach(), dtype, stat=reduction == "none")
+    (loss if grad_out is None else loss * grad_out).sum().backward()
+    for leaf, ref in zip((hidden, weight, b), leaves):
+        assert_close(leaf.grad, ref.grad, dtype, grad=True)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_label_smoothing_out_of_range(value):
+    hidden, weight, b, targets = make_inputs()
+    with pytest.raises(ValueError, match="label_smoothing"):
+        linear_cross_entropy(hidden, weight, targets, label_smoothing=value)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_float32_inputs_under_bfloat16_autocast(reduction):
+    """As the model's own nn.Linear head under autocast: the matmul in bfloat16 (the reference takes
+    the bf16-rounded operands), the softmax in float32; float32 gradients reach the float32 leaves."""
+    hidden, weight, b, targets = make_inputs()
+    rounded = [t.to(torch.bfloat16) for t in (hidden, weight, b)]
+    grad_out = torch.randn(13, generator=torch.Generator().manual_seed(1)) if reduction == "none" else None
+    ref_loss, ref_grads = reference_loss_and_grads(*rounded, targets, reduction, grad_out)
+    ref_nll, ref_entropy = reference_stats(*rounded, targets)
+
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(*leaves[:2], targets, bias=leaves[2], reduction=reduction, chunk_size=5)
+        nll, entropy = token_stats(*leaves[:2], targets, bias=leaves[2], chunk_size=5)
+    assert loss.dtype == torch.float32
+    assert_close(loss, ref_loss, torch.bfloat16, stat=reduction == "none")
+    assert_close(nll, ref_nll, torch.bfloat16, stat=True)
+    assert_close(entropy, ref_entropy, torch.bfloat16, stat=True)
+    (loss if grad_out is None else loss * grad_out).sum().backward()
+    for leaf, ref in zip(leaves, ref_grads):
+        assert leaf.grad.dtype == torch.float32
+        assert_close(leaf.grad, ref, torch.bfloat16, grad=True)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from qtuning_plugin import QTuningConfig, select
-from qtuning_plugin.core import Segments, sample_stats
+from qtuning_plugin.core import Segments, is_packed, sample_stats
+
+from reference import reference_select
 
 
 def make_batch(batch=8, length=12, seed=0):
@@ -18,6 +20,54 @@ def make_batch(batch=8, length=12, seed=0):
         start = 2 + b % 3
         mask[b, start : length - b % 2] = True
     return nll, entropy, mask
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"sample_keep_ratio": 0.25, "token_keep_ratio": 0.5},
+        {"sample_keep_ratio": 0.5, "token_keep_ratio": 0.7, "context_weight": 0.0},
+        {"sample_keep_ratio": 0.125, "token_keep_ratio": 0.3, "prune_highest_scores": False},
+    ],
+    ids=["25x50", "50x70-lam0", "12.5x30-reversed"],
+)
+def test_select_is_the_spec_reference(config):
+    """Masks of `select` against `tests/reference.py` (SPEC sections 2, 4, 5 transcribed)."""
+    q2_rows = q4_rows = 0
+    for seed in range(8):
+        nll, entropy, mask = make_batch(batch=12, length=14, seed=seed)
+        mask[seed % 12] = False  # a sample without trainable positions
+        selection = select(nll, entropy, mask, QTuningConfig(**config))
+        keep, q2, tokens = reference_select(
+            nll, entropy, mask, config["sample_keep_ratio"], config["token_keep_ratio"],
+            lam=config.get("context_weight", 0.5), prune_highest=config.get("prune_highest_scores", True),
+        )
+        assert torch.equal(selection.sample_mask, keep), seed
+        assert torch.equal(selection.q2, q2), seed
+        assert torch.equal(selection.token_mask, tokens), seed
+        q2_rows += int(q2.sum())
+        q4_rows += int((keep & ~q2).sum())
+    assert q2_rows and q4_rows  # both kinds of kept samples were compared
+
+
+def test_quadrant_counts_by_hand():
+    """One trainable token a sample, so that PPL = exp(nll) and Ent = entropy: sample 0 is Q1 (high
+    PPL, high Ent), 1 Q2, 2 Q3 (low, low), 3 Q4, 4-7 the middle band (the hand-worked thresholds
+    of `test_triage.test_one_sample_per_quadrant_and_a_middle_band`: PPL 6.425 / 3.86, Ent
+    1.101 / 1.9275). Dropped: Q1, Q3 and the middle; kept: Q2 and Q4."""
+    ppl = [10.0, 10.0, 1.0, 1.0, 5.0, 5.0, 5.0, 5.0]
+    ent = [3.0, 0.1, 0.1, 3.0, 1.5, 1.5, 1.5, 1.5]
+    nll = torch.tensor(ppl, dtype=torch.float64).log()[:, None].expand(8, 3).clone()
+    entropy = torch.tensor(ent, dtype=torch.float64)[:, None].expand(8, 3).clone()
+    mask = torch.zeros(8, 3, dtype=torch.bool)
+    mask[:, 1] = True
+    stats = select(nll, entropy, mask, QTuningConfig(sample_keep_ratio=0.25)).stats
+    counts = [stats[f"qtuning/samples_{q}"] for q in ("q1", "q2", "q3", "q4", "middle")]
+    assert counts == [1.0, 1.0, 1.0, 1.0, 4.0]
+    assert stats["qtuning/ppl_dropped_mean"] == pytest.approx((10 + 1 + 4 * 5) / 6)
+    assert stats["qtuning/ent_dropped_mean"] == pytest.approx((3 + 0.1 + 4 * 1.5) / 6)
+    assert stats["qtuning/ppl_kept_mean"] == pytest.approx((10 + 1) / 2)
+    assert stats["qtuning/ent_kept_mean"] == pytest.approx((0.1 + 3) / 2)
 
 
 def test_sample_stats_are_means_over_trainable_positions():
@@ -134,3 +184,18 @@ def test_packed_segments_round_trip():
     assert unpacked[2].tolist() == [5, 6, 7, 8, -1, -1]
     assert unpacked[3].tolist() == [9, 10, 11, 12, 13, 14]
     assert torch.equal(segments.repack(unpacked), values)
+
+
+@pytest.mark.parametrize(
+    "position_ids, attention_mask, packed",
+    [
+        ([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]], None, True),  # TRL padding_free / packing: no mask
+        ([[0, 1, 0, 1, 0], [0, 1, 2, 3, 0]], [[1, 1, 2, 2, 0], [1, 1, 1, 1, 0]], True),  # Axolotl: sample ids
+        ([[0, 1, 2, 0, 0], [0, 1, 2, 3, 4]], [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], False),  # right padding at 0
+        ([[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]], [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], False),  # left padding
+        ([[0, 1, 2, 3, 4]], None, False),
+    ],
+)
+def test_packing_is_recognised_from_position_ids_restarts(position_ids, attention_mask, packed):
+    mask = None if attention_mask is None else torch.tensor(attention_mask)
+    assert is_packed(torch.tensor(position_ids), mask) is packed

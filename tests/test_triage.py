@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from qtuning_plugin.core import triage_samples
 
+from reference import reference_triage
+
 
 def t(values):
     return torch.tensor(values, dtype=torch.float64)
@@ -131,13 +133,43 @@ def test_triage_properties(batch, ratio):
     result = triage_samples(ppl, ent, ratio)
     target = max(1, round(ratio * n))
     assert result.target == target
-    assert int(result.keep.sum()) >= target
+    kept, filled = int(result.keep.sum()), int(result.filled.sum())
+    assert kept >= target
     assert not (result.q2 & result.q4).any()
     assert torch.equal(result.keep, result.q2 | result.q4)
     assert not (result.filled & ~result.keep).any()
+    # The fill-up only tops up to K: kept = max(K, what the last bisection iterate kept).
+    assert kept == max(target, kept - filled)
+    # Upper bound: Q2 needs PPL above its (1 - alpha)-quantile, Q4 Ent above its own; with
+    # k = floor((1 - alpha)(n - 1)) at most n - 1 - k values exceed that quantile.
+    above = n - 1 - math.floor((1 - result.alpha) * (n - 1))
+    assert kept <= max(target, 2 * above)
+    if result.iterations < 10:  # stopped by the tolerance
+        assert abs((kept - filled) / n - ratio) < 0.01
     if ratio == 1.0:
         assert result.keep.all()
     again = triage_samples(ppl.clone(), ent.clone(), ratio)
     for name in ("q2", "q4", "keep", "filled"):
         assert torch.equal(getattr(result, name), getattr(again, name))
     assert (result.alpha, result.iterations) == (again.alpha, again.iterations)
+
+
+@settings(max_examples=600, deadline=None)
+@given(batch=_batches, ratio=_ratios, data=st.data())
+def test_triage_is_the_spec_reference(batch, ratio, data):
+    """`triage_samples` against `tests/reference.py` (SPEC section 4 transcribed), exactly, with
+    samples without trainable tokens (invalid) among the others."""
+    n = len(batch[0])
+    valid = data.draw(st.lists(st.booleans(), min_size=n, max_size=n).filter(any))
+    ppl = [p if v else math.nan for p, v in zip(batch[0], valid)]
+    ent = [e if v else math.nan for e, v in zip(batch[1], valid)]
+    result = triage_samples(t(ppl), t(ent), ratio, valid=torch.tensor(valid))
+    index = [i for i in range(n) if valid[i]]
+    reference = reference_triage([ppl[i] for i in index], [ent[i] for i in index], ratio)
+    for name in ("q2", "q4", "keep", "filled"):
+        got = getattr(result, name)
+        assert got[index].tolist() == getattr(reference, name), name
+        assert not got[[i for i in range(n) if not valid[i]]].any(), name
+    assert (result.alpha, result.iterations, result.target) == (
+        reference.alpha, reference.iterations, reference.target
+    )

@@ -451,63 +451,12 @@ def eu_plane(model, dataset: SFTSet):
     return ppl, sent, nll, ent, targets
 
 
-def reference_select(nll, ent, mask, r_sample, r_token, lam=0.5, prune_highest=True):
-    """An independent, literal transcription of SPEC sections 2, 4 and 5 (numpy), for the fidelity check."""
-    import numpy as np
-
-    nll, ent, mask = nll.double().numpy(), ent.double().numpy(), mask.numpy()
-    B = nll.shape[0]
-    P = np.array([math.exp(nll[b][mask[b]].mean()) for b in range(B)])
-    E = np.array([ent[b][mask[b]].mean() for b in range(B)])
-    K = max(1, round(r_sample * B))
-    lo, hi = 0.0, 0.49
-    for _ in range(10):
-        a = (lo + hi) / 2
-        q2 = (P > np.quantile(P, 1 - a)) & (E <= np.quantile(E, a))
-        q4 = (P <= np.quantile(P, a)) & (E > np.quantile(E, 1 - a))
-        r = (q2.sum() + q4.sum()) / B
-        if abs(r - r_sample) < 0.01:
-            break
-        if r < r_sample:
-            lo = a
-        else:
-            hi = a
-    keep = q2 | q4
-    if keep.sum() < K:
-        norm = lambda x: np.zeros_like(x) if x.max() - x.min() < 1e-12 else (x - x.min()) / (x.max() - x.min())
-        p, e = norm(P), norm(E)
-        supp = np.maximum(p - e, e - p)
-        cand = sorted([b for b in range(B) if not keep[b]], key=lambda b: (-supp[b], b))
-        for b in cand[: K - keep.sum()]:
-            if p[b] - e[b] >= e[b] - p[b]:
-                q2[b] = True
-            else:
-                q4[b] = True
-        keep = q2 | q4
-    tok = mask.copy()
-    for b in range(B):
-        if not keep[b]:
-            tok[b] = False
-            continue
-        if not q2[b]:
-            continue
-        pos = np.nonzero(mask[b])[0]
-        pp = np.exp(nll[b])
-        s = {}
-        for i in pos:
-            left = pp[i - 1] if (i - 1) in pos else 0.0
-            right = pp[i + 1] if (i + 1) in pos else 0.0
-            s[i] = (1 - lam) * pp[i] + lam * (left + right)
-        n_keep = max(1, math.floor(r_token * len(pos)))
-        order = sorted(pos, key=lambda i: ((s[i] if prune_highest else -s[i]), i))
-        tok[b] = False
-        tok[b, order[:n_keep]] = True
-    return keep, q2, tok
-
-
 def spec_fidelity(model, dataset) -> dict:
-    """Plugin `select` vs the literal SPEC transcription on micro-batches of our SFT set."""
+    """Plugin `select` vs the literal SPEC transcription (`tests/reference.py`) on micro-batches of our SFT set."""
     from qtuning_plugin import QTuningConfig, select
+
+    sys.path.insert(0, str(HERE.parents[1] / "tests"))
+    from reference import reference_select
 
     _, _, nll, ent, targets = eu_plane(model, dataset)
     mask = targets != -100
@@ -520,7 +469,7 @@ def spec_fidelity(model, dataset) -> dict:
             sel = select(nll[sl], ent[sl], mask[sl], cfg)
             keep, q2, tok = reference_select(nll[sl], ent[sl], mask[sl], spec["sample_keep_ratio"], spec["token_keep_ratio"],
                                              prune_highest=spec.get("prune_highest_scores", True))
-            same = (sel.sample_mask.numpy() == keep).all() and (sel.q2.numpy() == q2).all() and (sel.token_mask.numpy() == tok).all()
+            same = torch.equal(sel.sample_mask, keep) and torch.equal(sel.q2, q2) and torch.equal(sel.token_mask, tok)
             checked += 1
             agree += bool(same)
     return {"micro_batches_checked": checked, "identical_to_reference": agree}

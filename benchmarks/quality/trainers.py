@@ -43,10 +43,14 @@ class Recording:
         self._record_selection(self._idx, self.qtuning_last_selection)
         return sample_mask, token_mask
 
-    def _select_step(self, backend, micro_batches, *args):
-        token_masks, stats = super()._select_step(backend, micro_batches, *args)
-        self._record_selection(torch.cat([micro_batch["idx"] for micro_batch in micro_batches]), self.qtuning_last_selection)
-        return token_masks, stats
+    def _triage_step(self, micro_batches):
+        self._idx = torch.cat([micro_batch.pop("idx") for micro_batch in micro_batches])
+        return super()._triage_step(micro_batches)
+
+    def _select_step(self, *args, **kwargs):
+        result = super()._select_step(*args, **kwargs)
+        self._record_selection(self._idx, self.qtuning_last_selection)
+        return result
 
     def _record_selection(self, idx, sel) -> None:
         tri = sel.triage

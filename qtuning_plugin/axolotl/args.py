@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pydantic import BaseModel, model_validator
 
 from qtuning_plugin.config import QTuningConfig
+
+# The LM head's module name in the models Axolotl knows (`axolotl.loaders.utils.get_linear_embedding_layers`).
+LM_HEAD_NAMES = ("lm_head", "embed_out")
+
+
+def _names_lm_head(targets: Any) -> bool:
+    """Whether PEFT's ``target_modules`` / ``target_parameters`` (a list of names, or one regex) select the LM head.
+
+    ``all-linear`` (and Axolotl's ``lora_target_linear``) leave the output layer out.
+    """
+    if not targets:
+        return False
+    if isinstance(targets, str):
+        return targets != "all-linear" and any(re.fullmatch(targets, name) for name in LM_HEAD_NAMES)
+    return any(part in LM_HEAD_NAMES for target in targets for part in str(target).split("."))
 
 
 class QTuningArgs(BaseModel):
@@ -18,10 +34,12 @@ class QTuningArgs(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def check_compatible(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not isinstance(data.get("qtuning"), dict):
+        if not isinstance(data, dict) or "qtuning" not in data:
             return data
+        if data["qtuning"] is None:  # an empty `qtuning:` section turns Q-Tuning on with the defaults
+            data = {**data, "qtuning": {}}
         section = data["qtuning"]
-        if not section.get("enabled", True):
+        if not isinstance(section, dict) or not section.get("enabled", True):
             return data
         if data.get("rl"):
             raise ValueError(f"qtuning: supervised fine-tuning only; remove `qtuning:` or `rl: {data['rl']}`")
@@ -31,6 +49,17 @@ class QTuningArgs(BaseModel):
                 "qtuning.scoring: two_pass with `triage_scope: micro_batch` needs one sample per row; with "
                 "`sample_packing: true` use `single_pass` or `auto`, or `triage_scope: step`"
             )
+        for key in ("lora_target_modules", "lora_target_parameters"):
+            if _names_lm_head(data.get(key)):
+                raise ValueError(
+                    f"qtuning: LoRA on the LM head is not supported ({key}: {data[key]!r}); train the head "
+                    "with `lora_modules_to_save: [lm_head]` or leave it out of the LoRA targets"
+                )
+        for key in ("context_parallel_size", "sequence_parallel_degree"):
+            if (data.get(key) or 1) > 1:
+                raise ValueError(
+                    f"qtuning: {key}: {data[key]} splits each sample across ranks; Q-Tuning scores whole samples"
+                )
         return data
 
 
@@ -42,9 +71,11 @@ class QTuningTrainingArgsMixin:
 
 
 def qtuning_section(cfg: Any) -> Optional[dict]:
-    """The validated `qtuning:` section of an Axolotl cfg when it enables Q-Tuning, else None."""
-    section = cfg.get("qtuning") if hasattr(cfg, "get") else None
-    if not section:
+    """The validated `qtuning:` section of an Axolotl cfg when it enables Q-Tuning, else None.
+
+    A section present but empty enables Q-Tuning with the defaults.
+    """
+    if not hasattr(cfg, "get") or "qtuning" not in cfg:
         return None
-    section = QTuningConfig.model_validate(dict(section)).model_dump()
+    section = QTuningConfig.model_validate(dict(cfg.get("qtuning") or {})).model_dump()
     return section if section["enabled"] else None

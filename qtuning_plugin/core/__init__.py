@@ -1,7 +1,7 @@
 """Framework-free Q-Tuning math: EU plane, sample triage, token pruning, selection."""
 
 from qtuning_plugin.core.eu_plane import sample_stats
-from qtuning_plugin.core.packing import Segments
+from qtuning_plugin.core.packing import Segments, is_packed
 from qtuning_plugin.core.select import SampleGather, Selection, select, selection_stats
 from qtuning_plugin.core.token_pruning import prune_tokens, token_scores
 from qtuning_plugin.core.triage import Triage, triage_samples
@@ -11,6 +11,7 @@ __all__ = [
     "Segments",
     "Selection",
     "Triage",
+    "is_packed",
     "prune_tokens",
     "sample_stats",
     "select",

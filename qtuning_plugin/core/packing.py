@@ -9,9 +9,33 @@ same `select` serves packed and unpacked batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
+
+
+def is_packed(position_ids: Tensor, attention_mask: Optional[Tensor] = None) -> bool:
+    """Whether some row of the batch holds more than one sample.
+
+    A row holds several samples where its ``position_ids`` restart: a 0 after
+    column 0, at a token that follows another token of the row. This is how
+    every packing collator marks its samples (Axolotl's ``sample_packing``,
+    TRL's ``padding_free`` and ``packing``, transformers'
+    ``DataCollatorWithFlattening``), whatever the trainer calls the setting.
+    With an ``attention_mask``, positions where it is 0 are padding, not
+    tokens, so left-padded rows (position 0 after the padding) are not packed.
+
+    Args:
+        position_ids: ``[B, T]`` int64.
+        attention_mask: optional ``[B, T]``, 0 at padding (any non-zero value,
+            such as Axolotl's per-sample ids, is a token).
+    """
+    restart = position_ids[:, 1:] == 0
+    if attention_mask is not None:
+        tokens = attention_mask != 0
+        restart &= tokens[:, 1:] & tokens[:, :-1]
+    return bool(restart.any())
 
 
 @dataclass(frozen=True)

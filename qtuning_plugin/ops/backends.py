@@ -30,7 +30,7 @@ BACKENDS = ("auto", "liger", "torch")
 class Backend:
     """A pair of fused ops with the signatures of `torch_chunked`.
 
-    ``linear_cross_entropy`` is only ever called with ``reduction="sum"``.
+    ``linear_cross_entropy`` is only ever called with ``reduction="sum"`` (and ``label_smoothing``).
     ``description`` says which implementation computes what, for the start-up log.
     """
 

@@ -110,6 +110,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "sum",
     chunk_size: Optional[int] = None,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Cross-entropy (nats) of ``hidden @ weight.T + bias`` by Liger's fused linear cross-entropy.
 
@@ -121,6 +122,8 @@ def linear_cross_entropy(
         bias: optional ``[V]`` LM-head bias.
         reduction: ``"sum"`` or ``"mean"`` (over non-ignored targets); ``"none"`` raises.
         chunk_size: ignored: Liger sizes its own token chunks (logits memory about that of hidden).
+        label_smoothing: in [0, 1], Liger's ``label_smoothing`` (the semantics of
+            ``F.cross_entropy``'s and of `torch_chunked.linear_cross_entropy`).
 
     Returns:
         A float32 scalar. Liger computes every gradient during the forward (one chunked pass),
@@ -139,7 +142,9 @@ def linear_cross_entropy(
     # (_input, weight, target, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing,
     #  reduction, softcap, return_z_loss, accum_dtype, use_token_scaling, return_token_accuracy,
     #  return_predicted_tokens) -> (loss, z_loss, token_accuracy, predicted_tokens).
-    out = _flce().apply(hidden, weight, targets.contiguous(), bias, None, ignore_index, 0.0, 0.0, reduction)
+    out = _flce().apply(
+        hidden, weight, targets.contiguous(), bias, None, ignore_index, 0.0, float(label_smoothing), reduction
+    )
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -7,7 +7,11 @@ matmul ``z = hidden_chunk @ weight.T`` in the input dtype, then float32 (float64
 inputs) bias, softmax and reductions, in two ``[chunk_size, V]`` buffers reused by every chunk.
 
 * :func:`token_stats` -- per-token NLL and predictive entropy (nats), no autograd.
-* :func:`linear_cross_entropy` -- differentiable cross-entropy with a chunked backward.
+* :func:`linear_cross_entropy` -- differentiable cross-entropy with a chunked backward, optionally
+  label-smoothed.
+
+Under ``torch.autocast`` both ops run the LM-head matmul in the autocast dtype, as the model's own
+``nn.Linear`` head would, and the softmax and reductions in float32 as always.
 """
 
 from __future__ import annotations
@@ -96,6 +100,20 @@ def _softmax_chunks(
         yield start, z, p, z.amax(dim=1) - p.amax(dim=1).log()
 
 
+def _autocast_inputs(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """The tensors in the autocast dtype of their device when autocast is on there, else unchanged.
+
+    As autocast casts an ``nn.Linear``'s operands (float64 ones are left as they are). With every
+    operand in that dtype, autocast changes nothing inside the ops: each chunk's matmul runs in it,
+    and the softmax and reductions in float32 as always.
+    """
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
+
+
 def _valid_rows(targets: Tensor, ignore_index: int) -> Tensor:
     """Indices ``[M]`` (int64) of the rows whose target is not ``ignore_index``."""
     return (targets != ignore_index).nonzero().squeeze(1)
@@ -127,6 +145,7 @@ def token_stats(
         (entropy of the full-vocabulary predictive distribution). Both are 0 at ignored positions.
         No autograd graph is recorded.
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     chunk_size = _validate(hidden, weight, targets, bias, chunk_size)
     rows = _valid_rows(targets, ignore_index)
     h, t = hidden.index_select(0, rows), targets.index_select(0, rows)
@@ -145,11 +164,18 @@ def _loss_and_grads(
     bias: Optional[Tensor],
     targets: Tensor,
     ignore_index: int,
+    label_smoothing: float,
     chunk_size: int,
     needs_grad: tuple[bool, bool, bool],
     row_scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Chunked per-token cross-entropy and its gradients.
+
+    With ``eps = label_smoothing`` the loss of a row with logits ``z`` and target ``t`` is
+    ``(1 - eps) * (lse - z_t) + eps * (lse - mean_v z_v)``, the cross-entropy against the target
+    smoothed with ``eps`` spread uniformly over the vocabulary (``F.cross_entropy``'s
+    ``label_smoothing``, transformers' ``LabelSmoother``); its gradient w.r.t. ``z`` is
+    ``softmax(z) - (1 - eps) * onehot(t) - eps / V``.
 
     Returns ``(loss [N], grad_hidden [N, H], grad_weight [V, H], grad_bias [V])`` where the gradients
     are those of ``sum_i row_scale[i] * loss[i]`` (``row_scale`` defaults to ones) w.r.t. the inputs
@@ -168,11 +194,16 @@ def _loss_and_grads(
     for start, z, dz, lse in _softmax_chunks(h, weight, bias, chunk_size):
         end = start + len(z)
         t_c = t[start:end, None]
-        loss.index_copy_(0, rows[start:end], lse - z.gather(1, t_c).squeeze(1))
+        row_loss = lse - z.gather(1, t_c).squeeze(1)
+        if label_smoothing:
+            row_loss = (1.0 - label_smoothing) * row_loss + label_smoothing * (lse - z.mean(dim=1))
+        loss.index_copy_(0, rows[start:end], row_loss)
         if not any(needs_grad):
             continue
-        # dloss/dlogits = softmax - onehot(target), optionally scaled per row.
-        dz.scatter_add_(1, t_c, dz.new_full(t_c.shape, -1.0))
+        # dloss/dlogits = softmax - (1 - eps) onehot(target) - eps / V, optionally scaled per row.
+        dz.scatter_add_(1, t_c, dz.new_full(t_c.shape, label_smoothing - 1.0))
+        if label_smoothing:
+            dz.sub_(label_smoothing / dz.shape[1])
         if scale is not None:
             dz.mul_(scale[start:end, None])
         dz_mm = dz.to(hidden.dtype)
@@ -197,9 +228,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, chunk_size, grad_enabled):
-        args = (hidden, weight, bias, targets, ignore_index, chunk_size)
-        ctx.options, ctx.reduction = (ignore_index, chunk_size), reduction
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, label_smoothing, reduction, chunk_size, grad_enabled):
+        args = (hidden, weight, bias, targets, ignore_index, label_smoothing, chunk_size)
+        ctx.options, ctx.reduction = (ignore_index, label_smoothing, chunk_size), reduction
         ctx.needs_grad = tuple(grad_enabled and flag for flag in ctx.needs_input_grad[:3])
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if reduction == "none":
@@ -218,7 +249,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             grads = [None if g is None else g * (grad_output / ctx.divisor) for g in ctx.saved_tensors]
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def linear_cross_entropy(
@@ -230,13 +261,15 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "sum",
     chunk_size: Optional[int] = None,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Cross-entropy of the LM-head logits ``hidden @ weight.T + bias`` against ``targets``, in nats.
 
     Equivalent to ``F.cross_entropy(hidden @ weight.T + bias, targets, ignore_index=ignore_index,
-    reduction=reduction)`` with float32 softmax, but neither the forward nor the backward holds the
-    ``[N, V]`` logits: memory is ``O(chunk_size * V)`` plus the gradients themselves. Differentiable
-    w.r.t. ``hidden``, ``weight`` and ``bias`` (only those that require grad are computed).
+    reduction=reduction, label_smoothing=label_smoothing)`` with float32 softmax, but neither the
+    forward nor the backward holds the ``[N, V]`` logits: memory is ``O(chunk_size * V)`` plus the
+    gradients themselves. Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` (only those that
+    require grad are computed).
 
     Args:
         hidden: ``[N, H]`` hidden states (float32, bfloat16 or float16).
@@ -247,6 +280,8 @@ def linear_cross_entropy(
         reduction: ``"sum"`` (scalar), ``"mean"`` (scalar, mean over non-ignored targets, 0 when there
             are none) or ``"none"`` (``[N]``, 0 at ignored positions).
         chunk_size: tokens per chunk; ``None`` uses :func:`default_chunk_size` at half its budget.
+        label_smoothing: in [0, 1]; the target's probability mass moved uniformly over the
+            vocabulary (see `_loss_and_grads`).
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar for ``"sum"``/``"mean"``, ``[N]`` for
@@ -254,7 +289,11 @@ def linear_cross_entropy(
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     chunk_size = _validate(hidden, weight, targets, bias, chunk_size, _GRAD_CHUNK_ELEMENTS)
     return _LinearCrossEntropy.apply(
-        hidden, weight, bias, targets, ignore_index, reduction, chunk_size, torch.is_grad_enabled()
+        hidden, weight, bias, targets, ignore_index, float(label_smoothing), reduction, chunk_size,
+        torch.is_grad_enabled(),
     )

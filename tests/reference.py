@@ -1,0 +1,119 @@
+"""Q-Tuning's selection transcribed from SPEC sections 2, 4 and 5, apart from `qtuning_plugin`.
+
+Plain Python floats and lists, one sample at a time, in the order the SPEC states the rules;
+the one primitive borrowed is the quantile, which the SPEC defines as torch's (linear
+interpolation, ``torch.quantile``'s default). The tests (`tests/test_triage.py`, the end-to-end
+`integration_tests/test_axolotl_train.py`) and the quality benchmark's fidelity check
+(`benchmarks/quality/run.py`) compare the package against it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class ReferenceTriage:
+    """SPEC section 4's outcome for the valid samples of one mini-batch, in batch order."""
+
+    q2: list[bool]
+    q4: list[bool]
+    keep: list[bool]
+    filled: list[bool]
+    alpha: float
+    iterations: int
+    target: int
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """``quantile(values, q)`` with linear interpolation (SPEC 4.2: as numpy/torch ``quantile``)."""
+    return torch.quantile(torch.tensor(values, dtype=torch.float64), q).item()
+
+
+def _min_max(values: list[float]) -> list[float]:
+    low, high = min(values), max(values)
+    if high - low < 1e-12:
+        return [0.0] * len(values)
+    return [(value - low) / (high - low) for value in values]
+
+
+def reference_triage(
+    ppl: Sequence[float], ent: Sequence[float], r_sample: float, *, max_iters: int = 10, tol: float = 0.01
+) -> ReferenceTriage:
+    """Algorithm 1 and the fill-up (SPEC 4.1-4.4) on samples that all have trainable tokens."""
+    ppl, ent = [float(p) for p in ppl], [float(e) for e in ent]
+    n = len(ppl)
+    target = max(1, round(r_sample * n))
+    lo, hi = 0.0, 0.49
+    for iteration in range(1, max_iters + 1):
+        a = (lo + hi) / 2
+        ppl_hi, ppl_lo = quantile(ppl, 1 - a), quantile(ppl, a)
+        ent_lo, ent_hi = quantile(ent, a), quantile(ent, 1 - a)
+        q2 = [p > ppl_hi and e <= ent_lo for p, e in zip(ppl, ent)]
+        q4 = [p <= ppl_lo and e > ent_hi for p, e in zip(ppl, ent)]
+        r = (sum(q2) + sum(q4)) / n
+        if abs(r - r_sample) < tol:
+            break
+        if r < r_sample:
+            lo = a
+        else:
+            hi = a
+    filled = [False] * n
+    kept = sum(q2) + sum(q4)
+    if kept < target:
+        p, e = _min_max(ppl), _min_max(ent)
+        support = [max(p[i] - e[i], e[i] - p[i]) for i in range(n)]
+        others = sorted((i for i in range(n) if not (q2[i] or q4[i])), key=lambda i: (-support[i], i))
+        for i in others[: target - kept]:
+            filled[i] = True
+            if p[i] - e[i] >= e[i] - p[i]:
+                q2[i] = True
+            else:
+                q4[i] = True
+    keep = [a or b for a, b in zip(q2, q4)]
+    return ReferenceTriage(q2, q4, keep, filled, a, iteration, target)
+
+
+def reference_kept_tokens(
+    nll: Sequence[float], mask: Sequence[bool], r_token: float, lam: float = 0.5, prune_highest: bool = True
+) -> list[bool]:
+    """SPEC section 5 for one Q2 sample: keep its ``max(1, floor(r_token * L))`` lowest-scoring
+    trainable positions (ties: the earlier one), ``s_i = (1 - lam) ppl_i + lam (ppl_{i-1} + ppl_{i+1})``
+    with neighbours outside the trainable span counting 0."""
+    positions = [i for i, m in enumerate(mask) if m]
+    ppl = {i: math.exp(float(nll[i])) for i in positions}
+    scores = {
+        i: (1 - lam) * ppl[i] + lam * (ppl.get(i - 1, 0.0) + ppl.get(i + 1, 0.0)) for i in positions
+    }
+    budget = max(1, math.floor(r_token * len(positions)))
+    ranked = sorted(positions, key=lambda i: ((scores[i] if prune_highest else -scores[i]), i))
+    kept = set(ranked[:budget])
+    return [i in kept for i in range(len(mask))]
+
+
+def reference_select(nll, ent, mask, r_sample, r_token, lam=0.5, prune_highest=True):
+    """SPEC sections 2, 4 and 5 on one mini-batch of ``[B, T]`` tensors.
+
+    Returns ``(keep [B], q2 [B], token_mask [B, T])`` bool tensors; samples without trainable
+    positions take no part (never kept, not counted).
+    """
+    nll, ent, mask = nll.double().tolist(), ent.double().tolist(), mask.bool().tolist()
+    rows = [b for b in range(len(mask)) if any(mask[b])]
+    ppl = [math.exp(sum(n for n, m in zip(nll[b], mask[b]) if m) / sum(mask[b])) for b in rows]
+    sample_ent = [sum(e for e, m in zip(ent[b], mask[b]) if m) / sum(mask[b]) for b in rows]
+    keep = [False] * len(mask)
+    q2 = [False] * len(mask)
+    tokens = [[False] * len(row) for row in mask]
+    if rows:
+        triage = reference_triage(ppl, sample_ent, r_sample)
+        for j, b in enumerate(rows):
+            keep[b], q2[b] = triage.keep[j], triage.q2[j]
+            if q2[b]:
+                tokens[b] = reference_kept_tokens(nll[b], mask[b], r_token, lam, prune_highest)
+            elif keep[b]:
+                tokens[b] = list(mask[b])
+    return torch.tensor(keep), torch.tensor(q2), torch.tensor(tokens, dtype=torch.bool).view(len(mask), -1)
