@@ -210,16 +210,22 @@ def _first_fit(units: list[int], lengths: list[int], capacity: int) -> list[list
 
 
 def plan_passes(
-    lengths: list[int], world: int, rank: int, rows_per_pass: int, capacity: Optional[int] = None
+    lengths: list[int],
+    world: int,
+    rank: int,
+    rows_per_pass: int,
+    capacity: Optional[int] = None,
+    max_passes: Optional[int] = None,
 ) -> list[list[list[int]]]:
     """Deal K kept units out to ``world`` ranks and group this rank's into passes.
 
     Units are dealt round-robin in order of decreasing length (ties: lower index first). Each
     unit is a row of its own, or with ``capacity`` (packed segments) the units are packed into
     rows of that many positions, first fit. Every rank gets the same number of passes,
-    ``P = max(1, ceil(most rows on one rank / rows_per_pass))``, its rows split into P
-    contiguous groups whose sizes differ by at most one (so none exceeds ``rows_per_pass``).
-    A group is empty only where this rank has fewer rows than passes.
+    ``P = max(1, ceil(most rows on one rank / rows_per_pass))``, at most ``max_passes``, its
+    rows split into P contiguous groups whose sizes differ by at most one (so none exceeds
+    ``rows_per_pass`` unless ``max_passes`` capped P: first fit can need more rows than the
+    packing it repacks). A group is empty only where this rank has fewer rows than passes.
 
     Returns:
         P passes for ``rank``, each a list of rows, each a list of unit indices (into ``lengths``).
@@ -231,6 +237,8 @@ def plan_passes(
         return [[u] for u in share] if capacity is None else _first_fit(share, lengths, capacity)
 
     passes = max(1, max(math.ceil(len(rows_of(r)) / rows_per_pass) for r in range(world)))
+    if max_passes is not None:
+        passes = min(passes, max_passes)
     rows = rows_of(rank)
     size, extra = divmod(len(rows), passes)
     groups, start = [], 0
@@ -241,7 +249,9 @@ def plan_passes(
     return groups
 
 
-def plan_step(local: UnitTable, rows_per_pass: int, row_capacity: int, fallback: UnitTable) -> list[dict[str, Any]]:
+def plan_step(
+    local: UnitTable, rows_per_pass: int, row_capacity: int, max_passes: int, fallback: UnitTable
+) -> list[dict[str, Any]]:
     """This rank's training passes of a triaged step (a collective in data-parallel training).
 
     Args:
@@ -249,6 +259,7 @@ def plan_step(local: UnitTable, rows_per_pass: int, row_capacity: int, fallback:
         rows_per_pass: the most rows in one of this step's micro-batches, on any rank.
         row_capacity: the widest row of this step's micro-batches, on any rank: packed
             segments are packed into rows of this many positions.
+        max_passes: the step's micro-batch count (the same on every rank).
         fallback: one unit of this rank's, trained with no token where the step keeps none.
 
     Returns:
@@ -267,7 +278,7 @@ def plan_step(local: UnitTable, rows_per_pass: int, row_capacity: int, fallback:
     rank = torch.distributed.get_rank() if world > 1 else 0
     capacity = None if table.segment_ids is None else row_capacity
     passes = []
-    for rows in plan_passes(table.lengths.tolist(), world, rank, rows_per_pass, capacity):
+    for rows in plan_passes(table.lengths.tolist(), world, rank, rows_per_pass, capacity, max_passes):
         if rows:
             inputs, targets, token_mask = table.rows(rows)
         else:  # the rank has fewer rows than passes: a pass that trains on nothing

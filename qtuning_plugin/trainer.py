@@ -222,7 +222,7 @@ class QTuningTrainerMixin:
         fallback = row_table(micro_batches[0], targets[0], torch.zeros_like(masks[0]), first_row)
         rows_per_pass = max(t.shape[0] for t in targets)
         row_capacity = max(t.shape[1] for t in targets)
-        passes = plan_step(concat(tables), rows_per_pass, row_capacity, fallback)
+        passes = plan_step(concat(tables), rows_per_pass, row_capacity, len(micro_batches), fallback)
         stats["qtuning/training_passes"] = float(len(passes))
         self._record(stats, torch.cat([m.flatten() for m in masks]), torch.cat([m.flatten() for m in token_masks]))
         return passes

@@ -25,7 +25,7 @@ def packing_declared(trainer: Any) -> bool:
     return bool(getattr(args, "sample_packing", False) or getattr(trainer, "padding_free", False))
 
 
-def _refusals(trainer: Any, config: QTuningConfig) -> list[str]:
+def _refusals(trainer: Any, qtuning: QTuningConfig) -> list[str]:
     args = trainer.args
     refusals = []
     loss_type = getattr(args, "loss_type", None)
@@ -54,7 +54,7 @@ def _refusals(trainer: Any, config: QTuningConfig) -> list[str]:
             "packing_strategy='wrapped': its rows are cut from concatenated samples without position_ids "
             "restarts, so Q-Tuning cannot tell the samples apart; use packing_strategy='bfd'"
         )
-    if config.scoring == "two_pass" and config.triage_scope == "micro_batch" and packing_declared(trainer):
+    if qtuning.scoring == "two_pass" and qtuning.triage_scope == "micro_batch" and packing_declared(trainer):
         refusals.append(
             "qtuning.scoring=two_pass with triage_scope=micro_batch needs one sample per row; with sample "
             "packing or padding_free use single_pass or auto, or triage_scope=step"
@@ -70,13 +70,13 @@ def _refusals(trainer: Any, config: QTuningConfig) -> list[str]:
     return refusals
 
 
-def check_trainer_settings(trainer: Any, config: QTuningConfig) -> None:
+def check_trainer_settings(trainer: Any, qtuning: QTuningConfig) -> None:
     """Raise `ValueError` naming every setting of ``trainer`` that Q-Tuning would silently change.
 
     Args:
         trainer: the `transformers.Trainer` (after its ``__init__``).
-        config: the Q-Tuning settings.
+        qtuning: the Q-Tuning settings.
     """
-    refusals = _refusals(trainer, config)
+    refusals = _refusals(trainer, qtuning)
     if refusals:
         raise ValueError("qtuning: settings Q-Tuning cannot honour:\n  - " + "\n  - ".join(refusals))

@@ -192,12 +192,16 @@ def test_single_pass_scoring_needs_micro_batch_scope():
         # two ranks: rank 0 gets 6, 4, 2 (units 1, 4, 0) -> rows [6, 4], [2]; rank 1 gets 5, 3 -> [5, 3]
         # at one row per pass: rank 0 needs 2 passes, so rank 1 gets an empty one
         ([2, 6, 3, 5, 4], 2, 1, 10, [[[[1, 4]], [[0]]], [[[3, 2]], []]]),
+        # first fit into rows of 16 needs 4 rows where the original packing had 3 (one micro-batch of
+        # 3 rows): the step's single pass takes all 4 rather than a second pass the step has no slot for
+        ([5, 7, 4, 9, 6, 3, 8, 5], 1, 3, 16, [[[[3, 1], [6, 4], [0, 7, 2], [5]]]]),
     ],
 )
 def test_plan_passes_deals_units_by_length_and_gives_every_rank_the_same_pass_count(
     lengths, world, rows_per_pass, capacity, expected
 ):
-    assert [plan_passes(lengths, world, rank, rows_per_pass, capacity) for rank in range(world)] == expected
+    max_passes = 1 if capacity == 16 else None
+    assert [plan_passes(lengths, world, rank, rows_per_pass, capacity, max_passes) for rank in range(world)] == expected
 
 
 def test_packed_rows_select_and_train_as_their_unpacked_samples_in_fewer_rows(tmp_path):

@@ -22,6 +22,14 @@ class QTuningTrainer(QTuningTrainerMixin, Trainer):
     pass
 
 
+
+# The training paths: one triage per optimizer step, or per micro-batch with either scoring.
+SCORINGS = {
+    "step": {"triage_scope": "step"},
+    "two_pass": {"triage_scope": "micro_batch", "scoring": "two_pass"},
+    "single_pass": {"triage_scope": "micro_batch", "scoring": "single_pass"},
+}
+
 def sgd_args(tmp_path, **overrides):
     """One optimizer step of plain SGD (lr 1, no clipping), batches in dataset order."""
     args = dict(
@@ -83,12 +91,12 @@ def batch_with_a_row_without_targets(seed=0):
     return batch
 
 
-@pytest.mark.parametrize("scoring", ["two_pass", "single_pass"])
+@pytest.mark.parametrize("scoring", SCORINGS, ids=list(SCORINGS))
 def test_keep_ratio_one_trains_on_the_models_own_loss(tmp_path, scoring):
     batch = batch_with_a_row_without_targets()
     trainer = QTuningTrainer(
         model=tiny_llama(seed=0), args=sgd_args(tmp_path), train_dataset=Rows(batch),
-        qtuning_config=QTuningConfig(scoring=scoring, **ALL),
+        qtuning_config=QTuningConfig(**SCORINGS[scoring], **ALL),
     )
     loss, delta = one_step(trainer)
     expected_loss, grads = own_loss_and_grads(batch)

@@ -18,6 +18,14 @@ class QTuningTrainer(QTuningTrainerMixin, Trainer):
     pass
 
 
+
+# The training paths: one triage per optimizer step, or per micro-batch with either scoring.
+SCORINGS = {
+    "step": {"triage_scope": "step"},
+    "two_pass": {"triage_scope": "micro_batch", "scoring": "two_pass"},
+    "single_pass": {"triage_scope": "micro_batch", "scoring": "single_pass"},
+}
+
 def build(tmp_path, model=None, config=None, **settings):
     defaults = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", per_device_train_batch_size=4)
     args = TrainingArguments(**{**defaults, **settings})
@@ -79,12 +87,12 @@ def test_context_parallelism_is_refused(tmp_path, monkeypatch):
         check_trainer_settings(trainer, QTuningConfig())
 
 
-@pytest.mark.parametrize("scoring", ["two_pass", "single_pass"])
+@pytest.mark.parametrize("scoring", SCORINGS, ids=list(SCORINGS))
 def test_gradient_checkpointing_scores_without_warnings(tmp_path, scoring):
     """transformers' reentrant checkpointing warns "None of the inputs have requires_grad=True"
     on a forward without gradient: the scoring pass runs without checkpointing, and the
     training forward still checkpoints, to the same loss. One step through `Trainer.train()`."""
-    config = QTuningConfig(scoring=scoring, sample_keep_ratio=0.5)
+    config = QTuningConfig(**SCORINGS[scoring], sample_keep_ratio=0.5)
     settings = {"max_steps": 1, "per_device_train_batch_size": 8, "logging_steps": 1}
     reference = build(tmp_path / "plain", config=config, **settings)
     reference.train()
@@ -104,6 +112,6 @@ def test_gradient_checkpointing_scores_without_warnings(tmp_path, scoring):
     assert layer.gradient_checkpointing
     # The forward passes (scoring and training, or the single one), plus the recomputation of the
     # checkpointed training forward during the backward, the only call with gradient.
-    assert calls == [False] * (2 if scoring == "two_pass" else 1) + [True]
+    assert calls == [False] * (1 if scoring == "single_pass" else 2) + [True]
     losses = [next(e["loss"] for e in t.state.log_history if "loss" in e) for t in (reference, trainer)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)

@@ -138,6 +138,9 @@ def test_wrapped_packing_is_refused_at_start_up(tmp_path, tokenizer):
         trainer_for(tmp_path, tokenizer, {}, packing=True, packing_strategy="wrapped", max_length=48, bf16=False)
 
 
-def test_two_pass_with_padding_free_is_refused_at_start_up(tmp_path, tokenizer):
-    with pytest.raises(ValueError, match=r"qtuning\.scoring=two_pass"):
-        trainer_for(tmp_path, tokenizer, {"scoring": "two_pass"}, padding_free=True, max_length=None, bf16=False)
+def test_two_pass_with_padding_free_is_refused_at_start_up_at_micro_batch_scope(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match=r"qtuning\.scoring=two_pass with triage_scope=micro_batch"):
+        trainer_for(tmp_path, tokenizer, {"scoring": "two_pass", "triage_scope": "micro_batch"},
+                    padding_free=True, max_length=None, bf16=False)
+    # with triage_scope step (the default) the packed samples are scored in a pass of their own
+    trainer_for(tmp_path, tokenizer, {"scoring": "two_pass"}, padding_free=True, max_length=None, bf16=False)
