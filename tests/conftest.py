@@ -15,6 +15,13 @@ import torch
 from torch.utils.data import Dataset
 
 VOCAB = 101
+
+# The training paths: one triage per optimizer step, or per micro-batch with either scoring.
+SCORINGS = {
+    "step": {"triage_scope": "step"},
+    "two_pass": {"triage_scope": "micro_batch", "scoring": "two_pass"},
+    "single_pass": {"triage_scope": "micro_batch", "scoring": "single_pass"},
+}
 REQUIRE_CUDA_ENV = "QTUNING_REQUIRE_CUDA"
 CUDA = pytest.param(
     "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")], id="cuda"

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
 
-from conftest import Rows, random_batch, tiny_llama
+from conftest import Rows, SCORINGS, random_batch, tiny_llama
 
 ALL = {"sample_keep_ratio": 1.0, "token_keep_ratio": 1.0}
 
@@ -22,13 +22,6 @@ class QTuningTrainer(QTuningTrainerMixin, Trainer):
     pass
 
 
-
-# The training paths: one triage per optimizer step, or per micro-batch with either scoring.
-SCORINGS = {
-    "step": {"triage_scope": "step"},
-    "two_pass": {"triage_scope": "micro_batch", "scoring": "two_pass"},
-    "single_pass": {"triage_scope": "micro_batch", "scoring": "single_pass"},
-}
 
 def sgd_args(tmp_path, **overrides):
     """One optimizer step of plain SGD (lr 1, no clipping), batches in dataset order."""

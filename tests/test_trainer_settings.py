@@ -11,20 +11,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
 from qtuning_plugin.trainer_checks import check_trainer_settings
 
-from conftest import Rows, random_batch, tiny_llama
+from conftest import Rows, SCORINGS, random_batch, tiny_llama
 
 
 class QTuningTrainer(QTuningTrainerMixin, Trainer):
     pass
 
 
-
-# The training paths: one triage per optimizer step, or per micro-batch with either scoring.
-SCORINGS = {
-    "step": {"triage_scope": "step"},
-    "two_pass": {"triage_scope": "micro_batch", "scoring": "two_pass"},
-    "single_pass": {"triage_scope": "micro_batch", "scoring": "single_pass"},
-}
 
 def build(tmp_path, model=None, config=None, **settings):
     defaults = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", per_device_train_batch_size=4)
