@@ -150,7 +150,21 @@ class CpuRanksPlugin(BasePlugin):
     single process (accelerate's `PartialState` finds no distributed backend), and
     ``ACCELERATE_USE_CPU=1`` would turn DeepSpeed off altogether (accelerate then wraps the
     model in DDP).
+
+    On Axolotl >= 0.21 it also answers Axolotl's CUDA peer-to-peer probe (``prepare_optim_env``
+    asks `torch.cuda.can_device_access_peer` whenever ``WORLD_SIZE > 1``), which a CUDA build of
+    torch on a machine without a GPU answers with "Found no NVIDIA driver": no GPU, no P2P.
     """
+
+    def register(self, cfg) -> None:
+        import torch
+
+        try:
+            import axolotl.utils.trainer as axolotl_trainer
+        except ImportError:
+            return
+        if hasattr(axolotl_trainer, "check_cuda_p2p_ib_support") and not torch.cuda.is_available():
+            axolotl_trainer.check_cuda_p2p_ib_support = lambda: False
 
     def get_training_args(self, cfg) -> dict:
         return {"use_cpu": True}

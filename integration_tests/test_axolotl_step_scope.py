@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from axolotl_run import run_axolotl_train, tiny_config
-from test_axolotl_train import PROBE, check_finished, reference_triage
+from test_axolotl_train import PROBE, check_finished, check_records_match_spec
 
 pytestmark = pytest.mark.integration
 
@@ -65,19 +65,10 @@ def packed_run(tiny_model, tmp_path_factory):
 
 
 def check_selections_match_spec(run, steps: int) -> None:
-    """Redo each step's triage and token budget from the recorded per-sample statistics."""
+    """One record per optimizer step, each SPEC's triage and token budget of its (PPL, Ent)."""
     selections = run.probe()["selections"]
     assert len(selections) == steps  # one triage per optimizer step
-    for step, record in enumerate(selections, start=1):
-        trainable = torch.tensor(record["trainable"])
-        valid = trainable > 0
-        keep, q2 = reference_triage(torch.tensor(record["ppl"], dtype=torch.float64)[valid],
-                                    torch.tensor(record["ent"], dtype=torch.float64)[valid], SAMPLE_KEEP)
-        assert torch.tensor(record["keep"])[valid].tolist() == keep.tolist(), f"step {step}"
-        assert torch.tensor(record["q2"])[valid].tolist() == q2.tolist(), f"step {step}"
-        for i, length in enumerate(record["trainable"]):
-            expected = 0 if not record["keep"][i] else max(1, math.floor(TOKEN_KEEP * length)) if record["q2"][i] else length
-            assert record["kept_tokens"][i] == expected, (step, i)
+    check_records_match_spec(selections, SAMPLE_KEEP, TOKEN_KEEP)
 
 
 def test_each_step_selection_matches_spec(step_run):

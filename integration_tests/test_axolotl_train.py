@@ -158,14 +158,16 @@ def check_selections_match_spec(run: Run) -> None:
     check_records_match_spec(selections)
 
 
-def check_records_match_spec(selections: list[dict]) -> None:
+def check_records_match_spec(
+    selections: list[dict], sample_keep: float = SAMPLE_KEEP, token_keep: float = TOKEN_KEEP
+) -> None:
     """Each `qtuning_probe` selection record is SPEC's triage and token budget of its (PPL, Ent)."""
     for step, record in enumerate(selections, start=1):
         trainable = torch.tensor(record["trainable"])
         valid = trainable > 0
         ppl = torch.tensor(record["ppl"], dtype=torch.float64)[valid]
         ent = torch.tensor(record["ent"], dtype=torch.float64)[valid]
-        reference = reference_triage(ppl.tolist(), ent.tolist(), SAMPLE_KEEP)
+        reference = reference_triage(ppl.tolist(), ent.tolist(), sample_keep)
         assert torch.tensor(record["keep"])[valid].tolist() == reference.keep, f"step {step}"
         assert torch.tensor(record["q2"])[valid].tolist() == reference.q2, f"step {step}"
         kept_tokens = torch.tensor(record["kept_tokens"])
@@ -173,7 +175,7 @@ def check_records_match_spec(selections: list[dict]) -> None:
             if not record["keep"][i]:
                 expected = 0
             elif record["q2"][i]:
-                expected = max(1, math.floor(TOKEN_KEEP * length))
+                expected = max(1, math.floor(token_keep * length))
             else:
                 expected = length
             assert int(kept_tokens[i]) == expected, (step, i, length, record["q2"][i])

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -49,7 +50,7 @@ def test_smoke_run_writes_a_complete_report(tmp_path):
     assert all(math.isfinite(n) for n in _numbers(report))
     for name, stage in report["stages"].items():
         assert stage["ok"] and stage["returncode"] == 0 and stage["wall_s"] > 0
-        assert stage["environment"]["packages"]["torch"] == torch.__version__
+        assert stage["environment"]["packages"]["torch"] == importlib.metadata.version("torch")
         assert (tmp_path / f"gpu_check_{name}.log").stat().st_size > 0
 
     parity = report["stages"]["parity"]  # two CPU tests x 3 reductions
