@@ -1,4 +1,6 @@
 # make test : set up .venv (cached per pyproject.toml) and run the whole test suite
+# make test-fast : tests/ only (unit, parity, property and short in-process training runs),
+#                  without the `axolotl train` subprocess runs of integration_tests/
 # make test-latest : the same suite on the newest Axolotl (0.21.0, Python 3.13), in the Debian
 #                    trixie root of scripts/latest-env.sh (built and cached on first use; needs root)
 # make demo : set up .venv and train the tiny CPU example end to end with `axolotl train`

@@ -47,7 +47,7 @@ class QTuningPlotCallback(TrainerCallback):
         try:
             from qtuning_plugin.plots import write_training_plots
 
-            paths = write_training_plots(self.history, args.output_dir, step=state.global_step)
+            paths = write_training_plots(self.history, state.log_history, args.output_dir, step=state.global_step)
         except ImportError as error:
             self._disabled = True
             LOG.warning("qtuning: no plots (%s); install matplotlib: pip install 'qtuning-plugin[plots]'", error)

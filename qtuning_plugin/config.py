@@ -96,6 +96,12 @@ class QTuningConfig(BaseModel):
             )
         return self
 
+    def triage_batch_size(self, micro_batch_size: int, gradient_accumulation_steps: int, world_size: int) -> int:
+        """The samples one triage sees (the mini-batch): ``micro_batch_size x world_size``, times
+        ``gradient_accumulation_steps`` under ``triage_scope: step``."""
+        steps = gradient_accumulation_steps if self.triage_scope == "step" else 1
+        return micro_batch_size * steps * world_size
+
     def describe(self) -> str:
         """One line listing every setting, for the start-up log."""
         return ", ".join(f"{name}={value}" for name, value in self.model_dump().items())

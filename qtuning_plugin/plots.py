@@ -11,7 +11,8 @@ import math
 import os
 from typing import Any, Optional, Sequence
 
-from qtuning_plugin.history import QUADRANTS, QTuningHistory
+from qtuning_plugin.core.triage import QUADRANTS
+from qtuning_plugin.history import EUPoint, QTuningHistory, quadrant_fractions
 
 EU_PLANE_PNG = "qtuning_eu_plane.png"
 QUADRANTS_PNG = "qtuning_quadrant_fractions.png"
@@ -38,7 +39,7 @@ def _figure(width: float = 7.0, height: float = 5.0):
 
 
 def plot_eu_plane(
-    points: Sequence[Sequence[Any]],
+    points: Sequence[EUPoint],
     thresholds: Optional[dict[str, float]],
     path: str,
     *,
@@ -47,9 +48,8 @@ def plot_eu_plane(
     """Scatter of samples on the Error-Uncertainty plane, coloured by quadrant.
 
     Args:
-        points: ``[ppl, ent, quadrant, filled, ...]`` rows (`QTuningHistory.points`):
-            quadrant one of `QUADRANTS`; ``filled`` marks kept samples added by the
-            fill-up (drawn with a black edge).
+        points: the samples (`QTuningHistory.points`); those the fill-up added are drawn
+            with a black edge.
         thresholds: ``ppl_hi, ppl_lo, ent_lo, ent_hi`` to draw as lines, or None.
         path: the PNG to write.
 
@@ -60,12 +60,12 @@ def plot_eu_plane(
     axes = figure.add_subplot()
     for name in QUADRANTS:
         for filled in (False, True):
-            rows = [p for p in points if p[2] == name and bool(p[3]) == filled]
+            rows = [p for p in points if p.quadrant == name and bool(p.filled) == filled]
             if not rows:
                 continue
             axes.scatter(
-                [math.log(p[0]) for p in rows],
-                [p[1] for p in rows],
+                [math.log(p.ppl) for p in rows],
+                [p.ent for p in rows],
                 s=14,
                 c=COLOURS[name],
                 edgecolors="black" if filled else "none",
@@ -94,7 +94,7 @@ def plot_quadrant_fractions(fractions: dict[str, list[float]], path: str) -> str
     """Stacked fractions of each mini-batch's samples per quadrant, over training steps.
 
     Args:
-        fractions: `QTuningHistory.quadrant_fractions` (``step`` plus one list per quadrant).
+        fractions: `qtuning_plugin.history.quadrant_fractions` (``step`` plus one list per quadrant).
         path: the PNG to write.
     """
     from matplotlib.ticker import MaxNLocator
@@ -129,8 +129,15 @@ def plot_quadrant_fractions(fractions: dict[str, list[float]], path: str) -> str
     return path
 
 
-def write_training_plots(history: QTuningHistory, output_dir: str, step: Optional[int] = None) -> list[str]:
-    """Both pictures of a training run into ``output_dir`` (overwritten at each call)."""
+def write_training_plots(
+    history: QTuningHistory, log_history: Sequence[dict[str, Any]], output_dir: str, step: Optional[int] = None
+) -> list[str]:
+    """Both pictures of a training run into ``output_dir`` (overwritten at each call).
+
+    Args:
+        history: the run's `QTuningHistory` (EU-plane points and thresholds).
+        log_history: the trainer's ``state.log_history`` (the logged quadrant counts).
+    """
     os.makedirs(output_dir, exist_ok=True)
     suffix = f" at step {step}" if step is not None else ""
     return [
@@ -140,5 +147,5 @@ def write_training_plots(history: QTuningHistory, output_dir: str, step: Optiona
             os.path.join(output_dir, EU_PLANE_PNG),
             title=f"Q-Tuning EU plane: most recent samples{suffix}\n(lines: thresholds of the last mini-batch)",
         ),
-        plot_quadrant_fractions(history.quadrant_fractions(), os.path.join(output_dir, QUADRANTS_PNG)),
+        plot_quadrant_fractions(quadrant_fractions(log_history), os.path.join(output_dir, QUADRANTS_PNG)),
     ]

@@ -148,14 +148,15 @@ class QTuningTrainerMixin:
 
     def _warn_if_triage_batch_is_small(self) -> None:
         args = self.args
+        samples = self.qtuning_config.triage_batch_size(
+            args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size
+        )
         if self.qtuning_config.triage_scope == "step":
-            samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
             formula = (
                 f"micro_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
                 f"{args.gradient_accumulation_steps} x world_size {args.world_size}"
             )
         else:
-            samples = args.per_device_train_batch_size * args.world_size
             formula = (
                 f"micro_batch_size {args.per_device_train_batch_size} x world_size {args.world_size}; "
                 "`triage_scope: step` triages the whole optimizer step"
@@ -430,8 +431,8 @@ class QTuningTrainerMixin:
         self.qtuning_history.record(stats, float(mask.sum()), float(token_mask.sum()))
 
     def qtuning_metrics(self) -> dict[str, float]:
-        """The mean of each statistic over the micro-batches since the last call, plus running totals."""
-        return self.qtuning_history.flush(self.state.global_step)
+        """The mean of each statistic over the triages since the last call, plus running totals."""
+        return self.qtuning_history.flush()
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.qtuning_config.enabled and "loss" in logs:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The "latest" test environment: the newest Axolotl release (0.21.0) on Python 3.13.
 #
-#   scripts/latest-env.sh setup          build it if needed (about 10 minutes, 8 GB)
+#   scripts/latest-env.sh setup          build it if needed (about 7 minutes on 2 cores, 8 GB)
 #   scripts/latest-env.sh run CMD ...    run CMD in it, from the repository root
 #
 # Route: a Debian trixie root (debootstrap --variant=minbase from the apt mirror this

@@ -14,7 +14,7 @@ ENV_DIR="$CACHE/venv-$KEY"
 EXTRAS="${QTUNING_EXTRAS:-axolotl,dev}"
 
 if [ ! -f "$ENV_DIR/.complete-$EXTRAS" ]; then
-  echo "setup: building $ENV_DIR (first run for this pyproject.toml: about 10 minutes)"
+  echo "setup: building $ENV_DIR (first run for this pyproject.toml: a few minutes, about 4 on 2 cores)"
   rm -rf "$ENV_DIR"
   mkdir -p "$CACHE"
   "$PYTHON" -m venv "$ENV_DIR"

@@ -24,6 +24,9 @@ class ReferenceTriage:
     q4: list[bool]
     keep: list[bool]
     filled: list[bool]
+    # SPEC section 3's table by the last iterate's thresholds: kept "Q2"/"Q4"; dropped "Q1" (PPL
+    # above ppl_hi, Ent above ent_hi), "Q3" (PPL at most ppl_lo, Ent at most ent_lo) or "middle".
+    quadrant: list[str]
     alpha: float
     iterations: int
     target: int
@@ -75,7 +78,17 @@ def reference_triage(
             else:
                 q4[i] = True
     keep = [a or b for a, b in zip(q2, q4)]
-    return ReferenceTriage(q2, q4, keep, filled, a, iteration, target)
+    quadrant = []
+    for i in range(n):
+        if q2[i] or q4[i]:
+            quadrant.append("Q2" if q2[i] else "Q4")
+        elif ppl[i] > ppl_hi and ent[i] > ent_hi:
+            quadrant.append("Q1")
+        elif ppl[i] <= ppl_lo and ent[i] <= ent_lo:
+            quadrant.append("Q3")
+        else:
+            quadrant.append("middle")
+    return ReferenceTriage(q2, q4, keep, filled, quadrant, a, iteration, target)
 
 
 def reference_kept_tokens(

@@ -24,19 +24,23 @@ def scores(n=16, seed=0):
 
 def test_both_triage_modes_keep_the_configured_fraction():
     config = QTuningConfig(sample_keep_ratio=0.5, token_keep_ratio=0.5)
-    result = analyze_scores(scores(), config, mini_batch=8)
-    whole, per_batch = result["summary"]["whole_set"], result["summary"]["per_mini_batch"]
-    assert whole["counts"][""] == per_batch["counts"][""] == 1
-    assert whole["counts"]["Q2"] + whole["counts"]["Q4"] == round(0.5 * 15)  # K of the 15 valid samples
-    assert sum(whole["counts"].values()) == sum(per_batch["counts"].values()) == 16
-    rows = result["rows"]
-    trained = sum(r["trainable_tokens"] if r["quadrant"] == "Q4" else max(1, r["trainable_tokens"] // 2)
-                  for r in rows if r["quadrant"] in ("Q2", "Q4"))
-    assert whole["trained_token_frac"] == pytest.approx(trained / sum(r["trainable_tokens"] for r in rows))
-    row = result["rows"][3]
-    assert row["quadrant"] == row["quadrant_per_batch"] == "" and row["trainable_tokens"] == 0
-    table = format_table({"whole set": whole, "per mini-batch of 8": per_batch})
+    analysis = analyze_scores(scores(), config, mini_batch=8)
+    whole, per_batch = analysis.whole_set, analysis.per_mini_batch
+    assert whole.counts[""] == per_batch.counts[""] == 1
+    assert whole.counts["Q2"] + whole.counts["Q4"] == round(0.5 * 15)  # K of the 15 valid samples
+    assert sum(whole.counts.values()) == sum(per_batch.counts.values()) == 16
+    rows = analysis.rows
+    trained = sum(r.trainable_tokens if r.quadrant == "Q4" else max(1, r.trainable_tokens // 2)
+                  for r in rows if r.quadrant in ("Q2", "Q4"))
+    assert whole.trained_token_frac == pytest.approx(trained / sum(r.trainable_tokens for r in rows))
+    row = rows[3]
+    assert row.quadrant == row.quadrant_per_batch == "" and row.trainable_tokens == 0
+    # Each group of 8 is triaged on its own: K = round(0.5 * valid samples in it) kept per group.
+    assert sum(r.quadrant_per_batch in ("Q2", "Q4") for r in rows[:8]) == round(0.5 * 7)
+    assert sum(r.quadrant_per_batch in ("Q2", "Q4") for r in rows[8:]) == round(0.5 * 8)
+    table = analysis.table()
     assert "Q2 misconception" in table and "per mini-batch of 8" in table
+    assert table == format_table({"whole set": whole, "per mini-batch of 8": per_batch})
 
 
 def test_scores_are_the_full_logits_statistics_in_float64():
@@ -83,20 +87,33 @@ def test_quadrants_by_hand():
     ppl = [10.0, 10.0, 1.0, 1.0, 5.0, 5.0, 5.0, 5.0]
     ent = [3.0, 0.1, 0.1, 3.0, 1.5, 1.5, 1.5, 1.5]
     tokens = [4, 9, 6, 5, 3, 3, 3, 3]
-    result = analyze_scores(Scores(ppl, ent, tokens), QTuningConfig(sample_keep_ratio=0.25), mini_batch=8)
-    assert [row["quadrant"] for row in result["rows"]] == ["Q1", "Q2", "Q3", "Q4"] + ["middle"] * 4
-    whole = result["summary"]["whole_set"]
-    assert whole["counts"] == {"Q1": 1, "Q2": 1, "Q3": 1, "Q4": 1, "middle": 4, "": 0}
-    assert whole["kept_sample_frac"] == 0.25
-    assert whole["trained_token_frac"] == pytest.approx((4 + 5) / 36)
+    analysis = analyze_scores(Scores(ppl, ent, tokens), QTuningConfig(sample_keep_ratio=0.25), mini_batch=8)
+    assert [row.quadrant for row in analysis.rows] == ["Q1", "Q2", "Q3", "Q4"] + ["middle"] * 4
+    whole = analysis.whole_set
+    assert whole.counts == {"Q1": 1, "Q2": 1, "Q3": 1, "Q4": 1, "middle": 4, "": 0}
+    assert whole.kept_sample_frac == 0.25
+    assert whole.trained_token_frac == pytest.approx((4 + 5) / 36)
+    assert whole.thresholds["ppl_hi"] == pytest.approx(5 + 0.285 * 5) and whole.alpha == pytest.approx(0.245)
 
 
 def test_outputs(tmp_path):
-    result = analyze_scores(scores(), QTuningConfig(sample_keep_ratio=0.25), mini_batch=4)
-    paths = write_outputs(result, str(tmp_path))
+    import csv
+    import json
+
+    analysis = analyze_scores(scores(), QTuningConfig(sample_keep_ratio=0.25), mini_batch=4)
+    paths = write_outputs(analysis, str(tmp_path))
     assert (tmp_path / "samples.csv").read_text().splitlines()[0] == (
         "index,ppl,log_ppl,ent,trainable_tokens,quadrant,filled,quadrant_per_batch"
     )
+    with open(tmp_path / "samples.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["quadrant"] for row in rows] == [row.quadrant for row in analysis.rows]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary) == ["samples", "sample_keep_ratio", "token_keep_ratio", "mini_batch", "whole_set", "per_mini_batch"]
+    assert summary["samples"] == 16 and summary["mini_batch"] == 4
+    assert list(summary["whole_set"]) == ["counts", "kept_sample_frac", "trained_token_frac", "alpha", "thresholds"]
+    assert list(summary["per_mini_batch"]) == ["counts", "kept_sample_frac", "trained_token_frac"]
+    assert summary["whole_set"]["counts"] == analysis.whole_set.counts
     assert (tmp_path / "eu_plane.png").stat().st_size > 10_000
     assert set(paths) == {"samples.csv", "summary.json", "eu_plane.png"}
 

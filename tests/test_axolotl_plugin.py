@@ -133,6 +133,22 @@ def test_dotted_plugin_name_used_in_configs_loads():
     assert isinstance(load_plugin("qtuning_plugin.QTuningPlugin"), QTuningPlugin)
 
 
+def test_the_logger_is_the_packages_own_until_the_axolotl_plugin_loads():
+    """Axolotl shows INFO records of `axolotl.*` loggers only; elsewhere the name is the package's."""
+    code = (
+        "import logging, sys; logging.basicConfig(stream=sys.stdout, level=logging.INFO, format='%(name)s %(message)s')\n"
+        "from qtuning_plugin._logging import LOG\n"
+        "LOG.info('before')\n"
+        "from qtuning_plugin.axolotl.plugin import QTuningPlugin\n"
+        "QTuningPlugin()\n"
+        "LOG.info('after')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.endswith(("before", "after"))]
+    assert lines == ["qtuning_plugin before", "axolotl.integrations.qtuning after"]
+
+
 def test_cli_entry_point_loads_the_command_group():
     import click
 

@@ -51,3 +51,9 @@ def test_unknown_key_is_rejected():
 def test_describe_lists_every_setting():
     line = QTuningConfig(sample_keep_ratio=0.125).describe()
     assert "sample_keep_ratio=0.125" in line and "token_keep_ratio=0.5" in line
+
+
+@pytest.mark.parametrize("scope, expected", [("step", 2 * 8 * 4), ("micro_batch", 2 * 4)])
+def test_triage_batch_size(scope, expected):
+    """micro_batch_size 2, gradient_accumulation_steps 8, 4 ranks: the step scope triages all 64."""
+    assert QTuningConfig(triage_scope=scope).triage_batch_size(2, 8, 4) == expected

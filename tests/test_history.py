@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qtuning_plugin import QTuningConfig, select
-from qtuning_plugin.history import QTuningHistory, quadrant_labels
+from qtuning_plugin.history import STATE_NAME, EUPoint, QTuningHistory, quadrant_fractions
 from qtuning_plugin.plots import EU_PLANE_PNG, QUADRANTS_PNG, write_training_plots
 
 from test_select import make_batch
@@ -18,29 +18,55 @@ def selection(seed=0, ratio=0.25):
     return select(nll, entropy, mask, QTuningConfig(sample_keep_ratio=ratio))
 
 
-def test_quadrant_labels_agree_with_the_logged_counts():
-    sel = selection()
-    labels, filled = quadrant_labels(
-        sel.ppl.tolist(), sel.ent.tolist(), sel.sample_mask.tolist(), sel.q2.tolist(), sel.triage
-    )
-    assert labels[5] == ""
-    for name in ("Q1", "Q2", "Q3", "Q4", "middle"):
-        assert labels.count(name) == sel.stats[f"qtuning/samples_{name.lower()}"], name
-    assert sum(filled) == sel.stats["qtuning/samples_filled"]
+def one_token_batch(ppl, ent):
+    """One trainable token a sample (the middle of three), so that PPL = exp(nll) and Ent = entropy;
+    a NaN PPL makes a sample without trainable tokens."""
+    n = len(ppl)
+    nll = torch.tensor(ppl, dtype=torch.float64).log().nan_to_num(0.0)[:, None].expand(n, 3).clone()
+    entropy = torch.tensor(ent, dtype=torch.float64)[:, None].expand(n, 3).clone()
+    mask = torch.zeros(n, 3, dtype=torch.bool)
+    mask[:, 1] = ~torch.tensor(ppl).isnan()
+    return nll, entropy, mask
+
+
+def test_points_are_the_samples_with_their_quadrant():
+    """The hand-worked quadrants of `test_select.test_quadrant_counts_by_hand` (0: Q1, 1: Q2, 2: Q3,
+    3: Q4, 4-7 the middle band), plus a sample without trainable tokens, left out."""
+    ppl = [10.0, 10.0, 1.0, 1.0, 5.0, 5.0, 5.0, 5.0, math.nan]
+    ent = [3.0, 0.1, 0.1, 3.0, 1.5, 1.5, 1.5, 1.5, 0.0]
+    selection = select(*one_token_batch(ppl, ent), QTuningConfig(sample_keep_ratio=0.25))
+    assert selection.stats["qtuning/samples_filled"] == 0  # Q2 and Q4 kept by the thresholds
+    history = QTuningHistory()
+    history.record_samples(selection, step=7)
+    assert list(history.points) == [
+        EUPoint(pytest.approx(p), pytest.approx(e), name, False, 7)
+        for p, e, name in zip(ppl, ent, ["Q1", "Q2", "Q3", "Q4"] + ["middle"] * 4)
+    ]
+    assert history.thresholds["step"] == 7 and history.thresholds["ppl_hi"] == pytest.approx(5 + 0.285 * 5)
+
+
+def test_points_mark_the_fill_up():
+    """`test_triage.test_fill_up_adds_by_support_and_files_by_side`: samples 1 (Q2) and 2 (Q4) are
+    kept by the fill-up."""
+    selection = select(*one_token_batch([1, 2, 4, 8], [1, 1.2, 3.5, 4]), QTuningConfig(sample_keep_ratio=0.5))
+    assert selection.stats["qtuning/samples_filled"] == 2
+    history = QTuningHistory()
+    history.record_samples(selection, step=1)
+    points = list(history.points)
+    assert [p.filled for p in points] == [False, True, True, False]
+    assert [p.quadrant for p in points[1:3]] == ["Q2", "Q4"]
 
 
 def test_flush_averages_micro_batches_and_keeps_a_cumulative_token_count():
     history = QTuningHistory()
     history.record({"qtuning/alpha": 0.1}, 100, 40)
     history.record({"qtuning/alpha": 0.3}, 100, 60)
-    metrics = history.flush(step=1)
+    metrics = history.flush()
     assert metrics["qtuning/alpha"] == pytest.approx(0.2)
     assert metrics["qtuning/tokens_saved_frac_cumulative"] == pytest.approx(0.5)
     history.record({"qtuning/alpha": 0.5}, 200, 200)
-    assert history.flush(step=2)["qtuning/tokens_saved_frac_cumulative"] == pytest.approx(0.25)
-    assert [entry["step"] for entry in history.steps] == [1, 2]
-    assert history.flush(step=3) == {"qtuning/tokens_saved_frac_cumulative": pytest.approx(0.25)}
-    assert len(history.steps) == 2  # nothing recorded: no new entry
+    assert history.flush()["qtuning/tokens_saved_frac_cumulative"] == pytest.approx(0.25)
+    assert history.flush() == {"qtuning/tokens_saved_frac_cumulative": pytest.approx(0.25)}
 
 
 def test_state_round_trips_through_json(tmp_path):
@@ -49,34 +75,59 @@ def test_state_round_trips_through_json(tmp_path):
         sel = selection(seed=step)
         history.record(sel.stats, 50, 20)
         history.record_samples(sel, step)
-        history.flush(step)
+        history.flush()
     history.record({"qtuning/alpha": 0.4}, 10, 5)  # pending at save time
     assert len(history.points) == 10 and history.thresholds["step"] == 3
     history.save(str(tmp_path))
     restored = QTuningHistory(max_points=10)
     assert restored.load(str(tmp_path))
     assert restored.state_dict() == history.state_dict()
+    assert list(restored.points) == list(history.points) and isinstance(restored.points[0], EUPoint)
     assert not QTuningHistory().load(str(tmp_path / "missing"))
 
 
-def test_training_plots(tmp_path):
+def test_a_version_1_state_file_is_read(tmp_path):
+    """Version 1 also held a copy of the logged metrics ("steps"); it is ignored."""
+    import json
+
+    state = {"version": 1, "pending": {"qtuning/alpha": [0.2]}, "tokens": {"trainable": 10.0, "kept": 4.0},
+             "steps": [{"step": 1, "qtuning/alpha": 0.1}], "points": [[2.0, 1.0, "Q2", False, 1]], "thresholds": None}
+    (tmp_path / STATE_NAME).write_text(json.dumps(state))
     history = QTuningHistory()
-    history.record({"qtuning/warmup": 1.0}, 10, 10)
-    history.flush(1)  # a warm-up step: no quadrant counts, left out of the plot
+    assert history.load(str(tmp_path))
+    assert list(history.points) == [EUPoint(2.0, 1.0, "Q2", False, 1)] and history.tokens["kept"] == 4.0
+    state["version"] = 99
+    (tmp_path / STATE_NAME).write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="version 99"):
+        history.load(str(tmp_path))
+
+
+def test_quadrant_fractions_from_the_log_history():
+    log_history = [
+        {"loss": 2.0, "qtuning/warmup": 1.0, "step": 1},  # a warm-up step: no quadrant counts, left out
+        {"loss": 1.5, "step": 2, **{f"qtuning/samples_{q}": n for q, n in zip(("q1", "q2", "q3", "q4", "middle"), (1, 2, 1, 2, 2))}},
+        {"eval_loss": 1.4, "step": 2},
+        {"loss": 1.2, "step": 3, **{f"qtuning/samples_{q}": n for q, n in zip(("q1", "q2", "q3", "q4", "middle"), (0, 1, 0, 3, 0))}},
+    ]
+    assert quadrant_fractions(log_history) == {
+        "step": [2, 3], "Q1": [0.125, 0.0], "Q2": [0.25, 0.25], "Q3": [0.125, 0.0], "Q4": [0.25, 0.75],
+        "middle": [0.25, 0.0],
+    }
+
+
+def test_training_plots(tmp_path):
+    history, log_history = QTuningHistory(), []
     for step in range(2, 6):
         sel = selection(seed=step, ratio=0.5)
         history.record(sel.stats, 50, 20)
         history.record_samples(sel, step)
-        history.flush(step)
-    fractions = history.quadrant_fractions()
-    assert fractions["step"] == [2, 3, 4, 5]
-    for i in range(4):
-        assert sum(fractions[name][i] for name in ("Q1", "Q2", "Q3", "Q4", "middle")) == pytest.approx(1.0)
-    paths = write_training_plots(history, str(tmp_path), step=5)
+        log_history.append({"loss": 1.0, **history.flush(), "step": step})  # as Trainer.log appends it
+    assert quadrant_fractions(log_history)["step"] == [2, 3, 4, 5]
+    paths = write_training_plots(history, log_history, str(tmp_path), step=5)
     assert [p.split("/")[-1] for p in paths] == [EU_PLANE_PNG, QUADRANTS_PNG]
     assert all((tmp_path / name).stat().st_size > 10_000 for name in (EU_PLANE_PNG, QUADRANTS_PNG))
     # An empty history still gives (empty) pictures rather than an error.
-    write_training_plots(QTuningHistory(), str(tmp_path / "empty"))
+    write_training_plots(QTuningHistory(), [], str(tmp_path / "empty"))
 
 
 def test_plot_callback_writes_every_n_steps_on_the_main_process_only(tmp_path, monkeypatch):
@@ -86,10 +137,12 @@ def test_plot_callback_writes_every_n_steps_on_the_main_process_only(tmp_path, m
     from qtuning_plugin.callbacks import QTuningPlotCallback
 
     written = []
-    monkeypatch.setattr(plots, "write_training_plots", lambda history, out, step=None: written.append(step) or [])
+    monkeypatch.setattr(
+        plots, "write_training_plots", lambda history, log_history, out, step=None: written.append(step) or []
+    )
     callback = QTuningPlotCallback(QTuningHistory(), every_n_steps=3)
     args = SimpleNamespace(output_dir=str(tmp_path))
-    state = SimpleNamespace(global_step=0, is_world_process_zero=True)
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True, log_history=[])
     callback.on_train_begin(args, state, None)
     for step in range(1, 9):
         state.global_step = step

@@ -35,6 +35,7 @@ import xml.etree.ElementTree as ElementTree
 import pytest
 import torch
 
+from qtuning_plugin._logging import LOG
 from qtuning_plugin.ops import backends, torch_chunked
 from qtuning_plugin.ops.backends import TORCH, liger_problem, resolve_backend
 
@@ -131,7 +132,7 @@ def test_torch_resolves_to_torch_anywhere():
 
 
 def test_auto_on_cpu_is_torch(caplog):
-    with caplog.at_level(logging.INFO, logger="axolotl.integrations.qtuning"):
+    with caplog.at_level(logging.INFO, logger=LOG.logger.name):
         assert resolve_backend("auto", torch.device("cpu")) is TORCH
     assert "qtuning.backend auto: torch" in caplog.text and "CUDA" in caplog.text
 
@@ -166,7 +167,7 @@ def test_cuda_device_without_cuda_names_the_reason():
 def test_auto_picks_liger_where_it_can_run(monkeypatch, caplog):
     monkeypatch.setattr(backends, "_triton_problem", lambda: None)
     monkeypatch.setattr(backends, "_liger_problem", lambda: None)
-    with caplog.at_level(logging.INFO, logger="axolotl.integrations.qtuning"):
+    with caplog.at_level(logging.INFO, logger=LOG.logger.name):
         backend = resolve_backend("auto", "cuda")
     assert backend.name == "liger"
     assert re.search(r"liger-kernel \d+\.\d+\.\d+: loss via LigerFusedLinearCrossEntropyFunction", caplog.text)

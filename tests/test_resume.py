@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
-from qtuning_plugin.history import STATE_NAME
+from qtuning_plugin.history import STATE_NAME, quadrant_fractions
 from qtuning_plugin.plots import EU_PLANE_PNG, QUADRANTS_PNG
 
 from conftest import Rows, random_batch, tiny_llama
@@ -118,8 +118,7 @@ def test_the_checkpoint_holds_the_qtuning_state_and_the_rng(runs):
     checkpoint = os.path.join(full.args.output_dir, f"checkpoint-{SAVE_AT}")
     with open(os.path.join(checkpoint, STATE_NAME), encoding="utf-8") as handle:
         state = json.load(handle)
-    assert [entry["step"] for entry in state["steps"]] == [1, 2, 3]
-    assert state["tokens"]["trainable"] > 0
+    assert state["tokens"]["trainable"] > 0 and state["tokens"]["kept"] == state["tokens"]["trainable"]  # warm-up
     assert os.path.isfile(os.path.join(checkpoint, "rng_state.pth"))  # Trainer saves and restores the RNG
 
 
@@ -144,10 +143,15 @@ def test_resumed_metrics_continue_the_uninterrupted_ones(runs):
                 assert got[step][key] == pytest.approx(value, rel=1e-6), (step, key)
     saved = [expected[step]["qtuning/tokens_saved_frac_cumulative"] for step in range(1, STEPS + 1)]
     assert saved[:4] == [0.0] * 4 and 0.0 < saved[4] < saved[5]
-    # The in-memory history (plots) is the same list of logged steps.
-    assert [entry["step"] for entry in resumed.qtuning_history.steps] == list(range(1, STEPS + 1))
-    for got_entry, expected_entry in zip(resumed.qtuning_history.steps, full.qtuning_history.steps):
-        assert got_entry == pytest.approx(expected_entry, rel=1e-6)
+    # The plots' data: the quadrant fractions of the (restored) log history, and the EU-plane points.
+    fractions = quadrant_fractions(resumed.state.log_history)
+    assert fractions["step"] == [5, 6]
+    for name, values in quadrant_fractions(full.state.log_history).items():
+        assert fractions[name] == pytest.approx(values, rel=1e-6), name
+    assert len(resumed.qtuning_history.points) == len(full.qtuning_history.points) > 0
+    for got_point, expected_point in zip(resumed.qtuning_history.points, full.qtuning_history.points):
+        assert got_point[2:] == expected_point[2:]  # quadrant, fill-up flag, step
+        assert got_point[:2] == pytest.approx(expected_point[:2], rel=1e-6)  # PPL, Ent
 
 
 REQUIRED_METRICS = [

@@ -61,9 +61,11 @@ def test_quadrant_counts_by_hand():
     entropy = torch.tensor(ent, dtype=torch.float64)[:, None].expand(8, 3).clone()
     mask = torch.zeros(8, 3, dtype=torch.bool)
     mask[:, 1] = True
-    stats = select(nll, entropy, mask, QTuningConfig(sample_keep_ratio=0.25)).stats
+    selection = select(nll, entropy, mask, QTuningConfig(sample_keep_ratio=0.25))
+    stats = selection.stats
     counts = [stats[f"qtuning/samples_{q}"] for q in ("q1", "q2", "q3", "q4", "middle")]
     assert counts == [1.0, 1.0, 1.0, 1.0, 4.0]
+    assert selection.quadrant.tolist() == [0, 1, 2, 3] + [4] * 4  # indices into QUADRANTS
     assert stats["qtuning/ppl_dropped_mean"] == pytest.approx((10 + 1 + 4 * 5) / 6)
     assert stats["qtuning/ent_dropped_mean"] == pytest.approx((3 + 0.1 + 4 * 1.5) / 6)
     assert stats["qtuning/ppl_kept_mean"] == pytest.approx((10 + 1) / 2)
@@ -172,6 +174,7 @@ def test_gathered_selection_equals_the_concatenated_batch():
         local = select(nll[part], entropy[part], mask[part], config, sample_gather=lambda _rows, o=offset: (rows, o))
         assert torch.equal(local.sample_mask, whole.sample_mask[part])
         assert torch.equal(local.token_mask, whole.token_mask[part])
+        assert torch.equal(local.quadrant, whole.quadrant[part]) and torch.equal(local.filled, whole.filled[part])
 
 
 def test_packed_segments_round_trip():

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from qtuning_plugin._logging import LOG
 from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
 from qtuning_plugin.modeling import unwrap_causal_lm
 from qtuning_plugin.step import plan_passes
@@ -159,12 +160,12 @@ def test_a_small_triage_batch_is_warned_about_at_start(tmp_path, caplog):
     model = tiny_llama()
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=4,
                              report_to=[], use_cpu=True)
-    with caplog.at_level(logging.WARNING, logger="axolotl.integrations.qtuning"):
+    with caplog.at_level(logging.WARNING, logger=LOG.logger.name):
         InOrderTrainer(model=model, args=args, qtuning_config=QTuningConfig())
     assert "gradient_accumulation_steps" in caplog.text and "4 samples" in caplog.text
     caplog.clear()
     args.gradient_accumulation_steps = 8
-    with caplog.at_level(logging.WARNING, logger="axolotl.integrations.qtuning"):
+    with caplog.at_level(logging.WARNING, logger=LOG.logger.name):
         InOrderTrainer(model=model, args=args, qtuning_config=QTuningConfig())
     assert "cannot be honoured" not in caplog.text
 

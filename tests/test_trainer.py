@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
+from qtuning_plugin._logging import LOG
 from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
 from qtuning_plugin.modeling import final_hidden_states, lm_head_parameters, shifted_targets, unwrap_causal_lm
 from qtuning_plugin.ops.backends import TORCH
@@ -176,7 +177,7 @@ def test_a_micro_batch_without_trainable_tokens_gives_zero_loss_and_gradients(tm
     inputs["labels"][:] = -100
     for scoring in ("two_pass", "single_pass"):
         trainer = make_trainer(tmp_path, model, scoring=scoring)
-        with caplog.at_level(logging.WARNING, logger="axolotl.integrations.qtuning"):
+        with caplog.at_level(logging.WARNING, logger=LOG.logger.name):
             loss, grads = loss_and_grads(trainer, model, inputs)
         assert loss.item() == 0.0
         assert grads and all(torch.count_nonzero(g) == 0 for g in grads.values())

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qtuning_plugin.core import triage_samples
+from qtuning_plugin.core.triage import NO_TARGET, QUADRANTS
 
 from reference import reference_triage
 
@@ -38,6 +39,7 @@ def test_one_sample_per_quadrant_and_a_middle_band():
     assert indices(result.keep) == [1, 3]
     assert not result.filled.any()
     assert result.target == 2
+    assert [QUADRANTS[i] for i in result.quadrant.tolist()] == ["Q1", "Q2", "Q3", "Q4"] + ["middle"] * 4
 
 
 def test_bisection_narrows_alpha_until_the_ratio_is_met():
@@ -90,11 +92,13 @@ def test_invalid_samples_are_neither_counted_nor_kept():
     assert result.target == 2  # round(0.4 * 5)
     assert not result.keep[1]
     assert int(result.keep.sum()) >= 2
+    assert result.quadrant[1] == NO_TARGET and bool((result.quadrant[valid] != NO_TARGET).all())
 
 
 def test_no_valid_sample_keeps_nothing():
     result = triage_samples(t([math.nan, math.nan]), t([math.nan, math.nan]), 0.5, valid=torch.zeros(2, dtype=torch.bool))
     assert not result.keep.any() and result.target == 0 and math.isnan(result.alpha)
+    assert result.quadrant.tolist() == [NO_TARGET, NO_TARGET]
 
 
 @pytest.mark.parametrize(
@@ -170,6 +174,9 @@ def test_triage_is_the_spec_reference(batch, ratio, data):
         got = getattr(result, name)
         assert got[index].tolist() == getattr(reference, name), name
         assert not got[[i for i in range(n) if not valid[i]]].any(), name
+    quadrant = result.quadrant.tolist()
+    assert [QUADRANTS[quadrant[i]] for i in index] == reference.quadrant
+    assert all(quadrant[i] == NO_TARGET for i in range(n) if not valid[i])
     assert (result.alpha, result.iterations, result.target) == (
         reference.alpha, reference.iterations, reference.target
     )

@@ -362,25 +362,17 @@ def run_arm(name: str, seed: int, base_state: dict, dataset: SFTSet, steps: int,
 # ----------------------------------------------------------------------------- analysis
 def noise_analysis(records, dataset: SFTSet) -> dict:
     """Where the ground-truth types land on the EU plane during training, and P/R of the drops."""
+    from qtuning_plugin.core.triage import QUADRANTS
+
     kinds = dataset.kinds
     counts = {t: defaultdict(int) for t in TYPES}
     dropped = dropped_bad = bad_total = 0
     bad_q2 = bad_q2_all_pruned = bad_q2_any_pruned = 0
     for rec in records:
-        ppl_hi, ppl_lo, ent_lo, ent_hi = rec["thr"]
         for j, i in enumerate(rec["idx"].tolist()):
             kind = kinds[i]
             keep, q2 = bool(rec["keep"][j]), bool(rec["q2"][j])
-            p, e = float(rec["ppl"][j]), float(rec["ent"][j])
-            if keep:
-                quad = "Q2" if q2 else "Q4"
-            elif p > ppl_hi and e > ent_hi:
-                quad = "Q1"
-            elif p <= ppl_lo and e <= ent_lo:
-                quad = "Q3"
-            else:
-                quad = "middle"
-            counts[kind][quad] += 1
+            counts[kind][QUADRANTS[int(rec["quadrant"][j])]] += 1
             counts[kind]["n"] += 1
             if not keep:
                 dropped += 1
@@ -393,7 +385,7 @@ def noise_analysis(records, dataset: SFTSet) -> dict:
                     pruned = [not bool(rec["token_mask"][j, c]) for c in kept_cols]
                     bad_q2_all_pruned += all(pruned)
                     bad_q2_any_pruned += any(pruned)
-    quadrants = {t: {q: counts[t][q] / max(1, counts[t]["n"]) for q in ("Q1", "Q2", "Q3", "Q4", "middle")} for t in TYPES}
+    quadrants = {t: {q: counts[t][q] / max(1, counts[t]["n"]) for q in QUADRANTS} for t in TYPES}
     return {
         "noise_precision": dropped_bad / max(1, dropped),
         "noise_recall": dropped_bad / max(1, bad_total),

@@ -53,12 +53,10 @@ class Recording:
         return result
 
     def _record_selection(self, idx, sel) -> None:
-        tri = sel.triage
         self.tokens_with_gradient += int(sel.token_mask.sum())
         self.records.append({
             "idx": idx.cpu(), "keep": sel.sample_mask.cpu(), "q2": sel.q2.cpu(),
-            "token_mask": sel.token_mask.cpu(), "ppl": sel.ppl.cpu(), "ent": sel.ent.cpu(),
-            "thr": (tri.ppl_hi, tri.ppl_lo, tri.ent_lo, tri.ent_hi), "step": self.state.global_step,
+            "token_mask": sel.token_mask.cpu(), "quadrant": sel.quadrant.cpu(), "step": self.state.global_step,
         })
 
 

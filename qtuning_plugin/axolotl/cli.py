@@ -47,27 +47,27 @@ def analyze(config: str, max_samples: Optional[int], out: Optional[str]) -> None
     Loads model, tokenizer and dataset as `axolotl train CONFIG` would, scores
     every training sample without gradient, prints the quadrant table at the
     config's `qtuning:` ratios (the whole set as one batch, and per training
-    mini-batch), and writes samples.csv, summary.json and eu_plane.png.
+    mini-batch: the samples one triage sees), and writes samples.csv, summary.json and eu_plane.png.
     """
-    from qtuning_plugin.analyze import AnalysisError, run
+    from qtuning_plugin.analyze import AnalysisError
+    from qtuning_plugin.axolotl.analyze import run
 
     try:
-        result = run(config, max_samples=max_samples, out_dir=out)
+        analysis, paths = run(config, max_samples=max_samples, out_dir=out)
     except AnalysisError as error:
         raise click.ClickException(str(error)) from None
-    summary = result["summary"]
     click.echo(
-        f"\nQ-Tuning analysis of {summary['samples']} samples "
-        f"(sample_keep_ratio={summary['sample_keep_ratio']:g}, token_keep_ratio={summary['token_keep_ratio']:g})"
+        f"\nQ-Tuning analysis of {len(analysis.rows)} samples "
+        f"(sample_keep_ratio={analysis.sample_keep_ratio:g}, token_keep_ratio={analysis.token_keep_ratio:g})"
     )
-    click.echo(result["table"])
-    thresholds = summary["whole_set"]["thresholds"]
+    click.echo(analysis.table())
+    whole = analysis.whole_set
     click.echo(
         "whole-set thresholds: "
-        + ", ".join(f"{name}={value:.4g}" for name, value in thresholds.items())
-        + f" (alpha={summary['whole_set']['alpha']:.4g})"
+        + ", ".join(f"{name}={value:.4g}" for name, value in whole.thresholds.items())
+        + f" (alpha={whole.alpha:.4g})"
     )
-    for name, path in result["paths"].items():
+    for path in paths.values():
         click.echo(f"wrote {path}")
 
 

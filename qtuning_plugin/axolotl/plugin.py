@@ -6,7 +6,7 @@ from typing import Optional
 
 from axolotl.integrations.base import BasePlugin
 
-from qtuning_plugin._logging import LOG
+from qtuning_plugin._logging import LOG, log_through_axolotl
 from qtuning_plugin.axolotl.args import qtuning_section
 from qtuning_plugin.config import QTuningConfig
 
@@ -25,6 +25,10 @@ class QTuningPlugin(BasePlugin):
       token_keep_ratio: 0.5
     ```
     """
+
+    def __init__(self):
+        super().__init__()
+        log_through_axolotl()  # Axolotl shows INFO records of `axolotl.*` loggers only
 
     def is_duplicate(self) -> bool:
         """Whether Axolotl's plugin manager holds another `QTuningPlugin` registered before this one.

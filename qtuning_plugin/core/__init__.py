@@ -1,4 +1,9 @@
-"""Framework-free Q-Tuning math: EU plane, sample triage, token pruning, selection."""
+"""Framework-free Q-Tuning math: EU plane, sample triage, token pruning, selection.
+
+A mini-batch here is the set of samples triaged together (`QTuningConfig.triage_batch_size`):
+the optimizer step's micro-batches over all ranks under ``triage_scope: step`` (the paper's
+mini-batch), one micro-batch over all ranks under ``micro_batch``.
+"""
 
 from qtuning_plugin.core.eu_plane import sample_stats
 from qtuning_plugin.core.packing import Segments, is_packed

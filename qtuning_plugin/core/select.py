@@ -1,4 +1,5 @@
-"""One call per mini-batch: EU plane -> triage -> Q2 token pruning -> masks and statistics."""
+"""One call per mini-batch (the samples triaged together): EU plane -> triage -> Q2 token pruning
+-> masks and statistics."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import Tensor
 from qtuning_plugin.config import QTuningConfig
 from qtuning_plugin.core.eu_plane import sample_stats
 from qtuning_plugin.core.token_pruning import prune_tokens
-from qtuning_plugin.core.triage import Triage, triage_samples
+from qtuning_plugin.core.triage import QUADRANTS, Triage, triage_samples
 
 # Maps this rank's ``[B, 3]`` float64 rows (ppl, ent, valid) to the rows of the
 # global mini-batch and the offset of this rank's first row in them.
@@ -26,15 +27,20 @@ class Selection:
         sample_mask: ``[B]`` bool, kept samples (Q2 or Q4).
         token_mask: ``[B, T]`` bool, kept trainable tokens of kept samples.
         q2: ``[B]`` bool, kept samples whose tokens were pruned.
+        quadrant: ``[B]`` int64, each sample's index into `QUADRANTS` or `NO_TARGET`.
+        filled: ``[B]`` bool, kept samples that the fill-up added.
         ppl: ``[B]`` float64 sample perplexity (NaN where no trainable token).
         ent: ``[B]`` float64 sample mean entropy in nats (NaN likewise).
-        triage: the `Triage` this came from (over the global batch when gathered).
+        triage: the `Triage` this came from (over the global mini-batch when gathered;
+            the per-sample fields above are this rank's rows of it).
         stats: ``qtuning/``-prefixed Python floats for logging.
     """
 
     sample_mask: Tensor
     token_mask: Tensor
     q2: Tensor
+    quadrant: Tensor
+    filled: Tensor
     ppl: Tensor
     ent: Tensor
     triage: Triage
@@ -60,6 +66,10 @@ def select(
 ) -> Selection:
     """Triage the samples of a mini-batch and prune the tokens of its Q2 samples.
 
+    The B rows are this rank's samples of the mini-batch: under ``triage_scope: step`` its
+    micro-batches of the optimizer step, concatenated (packed rows as their segments); under
+    ``micro_batch`` one micro-batch. ``sample_gather`` adds the other ranks' samples.
+
     Args:
         nll: ``[B, T]`` per-token negative log-likelihood in nats (`ops.token_stats`).
         entropy: ``[B, T]`` per-token predictive entropy in nats.
@@ -78,14 +88,7 @@ def select(
 
     local = torch.stack([ppl, ent, valid.to(torch.float64)], dim=1)
     rows, offset = (local, 0) if sample_gather is None else sample_gather(local)
-    triage = triage_samples(
-        rows[:, 0],
-        rows[:, 1],
-        config.sample_keep_ratio,
-        max_iters=config.max_bisect_iters,
-        tol=config.bisect_tolerance,
-        valid=rows[:, 2].bool(),
-    )
+    triage = triage_with_config(rows[:, 0], rows[:, 1], rows[:, 2].bool(), config)
     mine = slice(offset, offset + nll.shape[0])
     sample_mask, q2 = triage.keep[mine].to(mask.device), triage.q2[mine].to(mask.device)
 
@@ -99,7 +102,21 @@ def select(
     )
     token_mask &= sample_mask.unsqueeze(1)
     stats = selection_stats(rows, triage, mask, sample_mask, token_mask)
-    return Selection(sample_mask, token_mask, q2, ppl, ent, triage, stats)
+    return Selection(
+        sample_mask, token_mask, q2, triage.quadrant[mine], triage.filled[mine], ppl, ent, triage, stats
+    )
+
+
+def triage_with_config(ppl: Tensor, ent: Tensor, valid: Tensor, config: QTuningConfig) -> Triage:
+    """`triage_samples` of ``[B]`` statistics at the configured ratio and bisection settings."""
+    return triage_samples(
+        ppl,
+        ent,
+        config.sample_keep_ratio,
+        max_iters=config.max_bisect_iters,
+        tol=config.bisect_tolerance,
+        valid=valid,
+    )
 
 
 def selection_stats(
@@ -108,23 +125,16 @@ def selection_stats(
     """The ``qtuning/`` logging dictionary of one selection.
 
     Sample counts and means are over ``rows`` (the global mini-batch when
-    gathered); token counts are over this rank's ``mask``. A dropped sample is
-    filed as Q1 (PPL > ppl_hi and Ent > ent_hi), Q3 (PPL <= ppl_lo and
-    Ent <= ent_lo) or the middle band, by the last bisection iterate. Every
-    tensor value reaches the host in one transfer (one device sync on CUDA).
+    gathered), the quadrants those of ``triage.quadrant``; token counts are over
+    this rank's ``mask``. Every tensor value reaches the host in one transfer
+    (one device sync on CUDA).
     """
     ppl, ent, valid = rows[:, 0], rows[:, 1], rows[:, 2].bool()
     keep = triage.keep.to(rows.device)
     dropped = valid & ~keep
-    q1 = dropped & (ppl > triage.ppl_hi) & (ent > triage.ent_hi)
-    q3 = dropped & (ppl <= triage.ppl_lo) & (ent <= triage.ent_lo)
     kept_valid = keep & valid
     sums = {
-        "q1": q1,
-        "q2": triage.q2,
-        "q3": q3,
-        "q4": triage.q4,
-        "middle": dropped & ~q1 & ~q3,
+        **{name.lower(): triage.quadrant == index for index, name in enumerate(QUADRANTS)},
         "filled": triage.filled,
         "without_target": ~valid,
         "kept": keep,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -13,17 +13,26 @@ from torch import Tensor
 ALPHA_UPPER = 0.49
 # Below this spread a statistic counts as constant in the fill-up normalisation.
 MIN_SPREAD = 1e-12
+#: The quadrant names; `Triage.quadrant` holds indices into this tuple.
+QUADRANTS = ("Q1", "Q2", "Q3", "Q4", "middle")
+Q1, Q2, Q3, Q4, MIDDLE = range(len(QUADRANTS))
+#: `Triage.quadrant` of a sample without trainable tokens (it takes no part in the triage).
+NO_TARGET = -1
 
 
 @dataclass(frozen=True)
 class Triage:
-    """The outcome of `triage_samples` for one mini-batch of B samples.
+    """The outcome of `triage_samples` for one mini-batch of B samples (the samples triaged together).
 
     Attributes:
         q2: ``[B]`` bool, valuable misconceptions (high PPL, low Ent): kept, tokens pruned.
         q4: ``[B]`` bool, calibration data (low PPL, high Ent): kept whole.
         keep: ``[B]`` bool, ``q2 | q4``.
         filled: ``[B]`` bool, the kept samples that the fill-up step added.
+        quadrant: ``[B]`` int64, each sample's index into `QUADRANTS`, or `NO_TARGET`. Kept
+            samples are Q2 or Q4 (``q2``/``q4``, fill-up included); a dropped one is Q1
+            (PPL > ppl_hi and Ent > ent_hi), Q3 (PPL <= ppl_lo and Ent <= ent_lo) or the
+            middle band, by the last bisection iterate.
         alpha: the last bisection iterate (NaN when no sample is valid).
         ppl_hi, ppl_lo, ent_lo, ent_hi: the last iterate's quantile thresholds
             (PPL in perplexity units, Ent in nats).
@@ -35,6 +44,7 @@ class Triage:
     q4: Tensor
     keep: Tensor
     filled: Tensor
+    quadrant: Tensor
     alpha: float
     ppl_hi: float
     ppl_lo: float
@@ -101,10 +111,16 @@ def triage_samples(
 
     n = index.numel()
     batch = ppl.shape[0]
-    empty = torch.zeros(batch, dtype=torch.bool)
+
+    def scatter(local: Tensor, fill: Union[bool, int] = False) -> Tensor:
+        """``[n]`` values of the valid samples -> ``[B]`` on ``device``, ``fill`` elsewhere."""
+        full = torch.full((batch,), fill, dtype=local.dtype)
+        full[index] = local
+        return full.to(device)
+
     if n == 0:
-        nan = math.nan
-        return Triage(empty.to(device), empty.to(device), empty.to(device), empty.to(device),
+        nan, empty = math.nan, scatter(torch.zeros(0, dtype=torch.bool))
+        return Triage(empty, empty, empty, empty, scatter(torch.zeros(0, dtype=torch.long), NO_TARGET),
                       nan, nan, nan, nan, nan, 0, 0)
 
     target = max(1, round(sample_keep_ratio * n))
@@ -137,16 +153,18 @@ def triage_samples(
         q2 = q2 | (filled & (p - e >= e - p))
         q4 = q4 | (filled & (p - e < e - p))
 
-    def scatter(local: Tensor) -> Tensor:
-        full = empty.clone()
-        full[index] = local
-        return full.to(device)
+    quadrant = torch.full((n,), MIDDLE, dtype=torch.long)
+    quadrant[(ppl_v > ppl_hi) & (ent_v > ent_hi)] = Q1
+    quadrant[(ppl_v <= ppl_lo) & (ent_v <= ent_lo)] = Q3
+    quadrant[q2] = Q2
+    quadrant[q4] = Q4
 
     return Triage(
         q2=scatter(q2),
         q4=scatter(q4),
         keep=scatter(q2 | q4),
         filled=scatter(filled),
+        quadrant=scatter(quadrant, NO_TARGET),
         alpha=alpha,
         ppl_hi=ppl_hi,
         ppl_lo=ppl_lo,
