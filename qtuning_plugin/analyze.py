@@ -30,7 +30,7 @@ from qtuning_plugin.config import QTuningConfig
 from qtuning_plugin.core import sample_stats
 from qtuning_plugin.core.select import triage_with_config
 from qtuning_plugin.core.triage import NO_TARGET, QUADRANTS, Triage
-from qtuning_plugin.history import EUPoint, thresholds
+from qtuning_plugin.history import EUPoint, triage_thresholds
 
 ROWS = (*QUADRANTS, "")
 ROW_NAMES = {
@@ -260,7 +260,7 @@ def analyze_scores(
         sample_keep_ratio=config.sample_keep_ratio,
         token_keep_ratio=config.token_keep_ratio,
         mini_batch=mini_batch,
-        whole_set=WholeSetSummary(**asdict(whole), alpha=triage.alpha, thresholds=thresholds(triage)),
+        whole_set=WholeSetSummary(**asdict(whole), alpha=triage.alpha, thresholds=triage_thresholds(triage)),
         per_mini_batch=summarise(batch_labels, scores.tokens, config.token_keep_ratio),
     )
 

@@ -37,7 +37,7 @@ MAX_POINTS = 2000
 THRESHOLDS = ("ppl_hi", "ppl_lo", "ent_lo", "ent_hi")
 
 
-def thresholds(triage: Triage) -> dict[str, float]:
+def triage_thresholds(triage: Triage) -> dict[str, float]:
     """The last bisection iterate's thresholds of a triage, by name."""
     return {name: float(getattr(triage, name)) for name in THRESHOLDS}
 
@@ -101,7 +101,7 @@ class QTuningHistory:
             if quadrant >= 0:  # not NO_TARGET
                 self.points.append(EUPoint(ppl, ent, QUADRANTS[quadrant], filled, step))
         if not math.isnan(selection.triage.alpha):
-            self.thresholds = {**thresholds(selection.triage), "step": step}
+            self.thresholds = {**triage_thresholds(selection.triage), "step": step}
 
     def flush(self) -> dict[str, float]:
         """The metrics of a logging step: the mean of each statistic since the last one, plus running totals."""

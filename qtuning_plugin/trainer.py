@@ -35,7 +35,7 @@ its kept tokens, on all ranks: the update of one large batch.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +54,7 @@ from qtuning_plugin.trainer_checks import check_trainer_settings
 MIN_TRIAGE_BATCH = 8
 
 
-def kept_token_loss_sum(
+def kept_token_loss(
     backend: Backend,
     hidden: Tensor,
     weight: Tensor,
@@ -62,8 +62,9 @@ def kept_token_loss_sum(
     targets: Tensor,
     token_mask: Tensor,
     label_smoothing: float = 0.0,
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> Tensor:
-    """Cross-entropy (nats) summed over the kept tokens.
+    """Cross-entropy (nats) over the kept tokens: their mean, or with ``reduction="sum"`` their sum.
 
     Args:
         hidden: ``[B, T, H]`` final hidden states (with gradient).
@@ -77,23 +78,10 @@ def kept_token_loss_sum(
     """
     # k-bit training keeps the head in float32 while the body may run in bf16.
     rows = hidden[token_mask].to(weight.dtype)
-    return backend.linear_cross_entropy(
+    loss = backend.linear_cross_entropy(
         rows, weight, targets[token_mask], bias=bias, reduction="sum", label_smoothing=label_smoothing
     )
-
-
-def kept_token_loss(
-    backend: Backend,
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    targets: Tensor,
-    token_mask: Tensor,
-    label_smoothing: float = 0.0,
-) -> Tensor:
-    """Mean cross-entropy (nats) over the kept tokens (`kept_token_loss_sum` / their count)."""
-    kept = int(token_mask.sum())
-    return kept_token_loss_sum(backend, hidden, weight, bias, targets, token_mask, label_smoothing) / max(kept, 1)
+    return loss if reduction == "sum" else loss / max(rows.shape[0], 1)
 
 
 def _pad_cat(parts: list[Tensor], fill: Union[float, bool]) -> Tensor:
@@ -270,7 +258,9 @@ class QTuningTrainerMixin:
             model,
             model_inputs,
             lambda h, w, b: training_pass.loss_scale
-            * kept_token_loss_sum(backend, h, w, b, training_pass.targets, training_pass.token_mask, smoothing),
+            * kept_token_loss(
+                backend, h, w, b, training_pass.targets, training_pass.token_mask, smoothing, reduction="sum"
+            ),
         )
 
     def _label_smoothing(self) -> float:
