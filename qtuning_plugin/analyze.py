@@ -109,7 +109,8 @@ class Analysis:
 
     def table(self) -> str:
         """The quadrant table: one column per triage mode."""
-        return format_table({"whole set": self.whole_set, f"per mini-batch of {self.mini_batch}": self.per_mini_batch})
+        columns = {"whole set": self.whole_set, f"per mini-batch of {self.mini_batch}": self.per_mini_batch}
+        return format_table(columns)
 
 
 def _pad(rows: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -87,7 +87,8 @@ class QTuningHistory:
 
     # ---------------------------------------------------------------- record
     def record(self, stats: dict[str, float], trainable_tokens: float, kept_tokens: float) -> None:
-        """One triage's ``qtuning/`` statistics (or a warm-up micro-batch's) and its trainable and trained token counts."""
+        """One triage's ``qtuning/`` statistics (or a warm-up micro-batch's), with its trainable and
+        trained token counts."""
         for key, value in stats.items():
             self.pending[key].append(float(value))
         self.tokens["trainable"] += float(trainable_tokens)

@@ -109,7 +109,9 @@ def test_outputs(tmp_path):
         rows = list(csv.DictReader(handle))
     assert [row["quadrant"] for row in rows] == [row.quadrant for row in analysis.rows]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary) == ["samples", "sample_keep_ratio", "token_keep_ratio", "mini_batch", "whole_set", "per_mini_batch"]
+    assert list(summary) == [
+        "samples", "sample_keep_ratio", "token_keep_ratio", "mini_batch", "whole_set", "per_mini_batch"
+    ]
     assert summary["samples"] == 16 and summary["mini_batch"] == 4
     assert list(summary["whole_set"]) == ["counts", "kept_sample_frac", "trained_token_frac", "alpha", "thresholds"]
     assert list(summary["per_mini_batch"]) == ["counts", "kept_sample_frac", "trained_token_frac"]

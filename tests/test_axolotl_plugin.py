@@ -136,7 +136,8 @@ def test_dotted_plugin_name_used_in_configs_loads():
 def test_the_logger_is_the_packages_own_until_the_axolotl_plugin_loads():
     """Axolotl shows INFO records of `axolotl.*` loggers only; elsewhere the name is the package's."""
     code = (
-        "import logging, sys; logging.basicConfig(stream=sys.stdout, level=logging.INFO, format='%(name)s %(message)s')\n"
+        "import logging, sys\n"
+        "logging.basicConfig(stream=sys.stdout, level=logging.INFO, format='%(name)s %(message)s')\n"
         "from qtuning_plugin._logging import LOG\n"
         "LOG.info('before')\n"
         "from qtuning_plugin.axolotl.plugin import QTuningPlugin\n"

@@ -102,12 +102,16 @@ def test_a_version_1_state_file_is_read(tmp_path):
         history.load(str(tmp_path))
 
 
+def counts(*values):
+    return {f"qtuning/samples_{q}": n for q, n in zip(("q1", "q2", "q3", "q4", "middle"), values)}
+
+
 def test_quadrant_fractions_from_the_log_history():
     log_history = [
         {"loss": 2.0, "qtuning/warmup": 1.0, "step": 1},  # a warm-up step: no quadrant counts, left out
-        {"loss": 1.5, "step": 2, **{f"qtuning/samples_{q}": n for q, n in zip(("q1", "q2", "q3", "q4", "middle"), (1, 2, 1, 2, 2))}},
+        {"loss": 1.5, "step": 2, **counts(1, 2, 1, 2, 2)},
         {"eval_loss": 1.4, "step": 2},
-        {"loss": 1.2, "step": 3, **{f"qtuning/samples_{q}": n for q, n in zip(("q1", "q2", "q3", "q4", "middle"), (0, 1, 0, 3, 0))}},
+        {"loss": 1.2, "step": 3, **counts(0, 1, 0, 3, 0)},
     ]
     assert quadrant_fractions(log_history) == {
         "step": [2, 3], "Q1": [0.125, 0.0], "Q2": [0.25, 0.25], "Q3": [0.125, 0.0], "Q4": [0.25, 0.75],
