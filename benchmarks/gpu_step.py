@@ -81,16 +81,16 @@ def build_model(shape: dict, device: torch.device, dtype: torch.dtype):
 
 def backend_for(name: str, device: torch.device):
     """``(backend, None)`` for our backend ``name`` on ``device``, or ``(None, why it cannot run)``."""
-    from qtuning_plugin.ops.backends import TORCH, liger_backend, liger_problem
+    from qtuning_plugin.ops.backends import TORCH, LigerBackend, liger_problem
 
     if name == "torch":
         return TORCH, None
     if device.type == "cpu":  # Liger's and our Triton kernels run on CPU only in the Triton interpreter
         if os.environ.get("TRITON_INTERPRET") == "1":
-            return liger_backend(device), None
+            return LigerBackend(device), None
         return None, "liger on CPU runs only under TRITON_INTERPRET=1"
     problem = liger_problem(device)
-    return (None, problem) if problem else (liger_backend(device), None)
+    return (None, problem) if problem else (LigerBackend(device), None)
 
 
 def full_step_fn(model, inputs: dict, backend):
