@@ -2,8 +2,8 @@
 
 * ``torch``: `qtuning_plugin.ops.torch_chunked`, chunked PyTorch; any device.
 * ``liger``: CUDA only. Loss through Liger Kernel's ``liger_fused_linear_cross_entropy``
-  (``reduction="sum"`` over the kept rows, float32 gradient accumulation), statistics through Liger's fused scaled
-  cross-entropy where it is fused for the inputs, else our Triton kernel
+  (``reduction="sum"`` over the kept rows, float32 gradient accumulation), statistics through
+  Liger's fused scaled cross-entropy where it is fused for the inputs, else our Triton kernel
   (`qtuning_plugin.ops.liger`, `qtuning_plugin.ops.triton_stats`).
 * ``auto``: ``liger`` where it can run (a CUDA device, Triton with a working GPU driver,
   liger-kernel importable), ``torch`` everywhere else.
