@@ -34,6 +34,7 @@ so and nothing is measured); 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from _common import qtuning_trainer, sft_batch
+from _common import build_llama, qtuning_trainer, sft_batch
 
 BUDGETS = {"0.25x0.5": (0.25, 0.5), "0.125x0.5": (0.125, 0.5), "0.5x0.7": (0.5, 0.7)}
 # Llama-3's vocabulary; hidden 1536 and 16 layers give 0.86B parameters (0.39B of them embedding and head).
@@ -55,42 +56,31 @@ STATS_TINY = {"tokens": 64, "hidden": 32, "vocab": 97}
 
 
 def build_model(shape: dict, device: torch.device, dtype: torch.dtype):
-    """A randomly initialised LlamaForCausalLM with LoRA on every linear layer, in ``dtype`` on ``device``."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=shape["vocab"],
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["hidden"] * 11 // 4,
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["heads"],
-        max_position_embeddings=shape["seq"],
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    with device:  # initialised where it runs: seconds, not minutes, for 0.86B parameters
-        model = LlamaForCausalLM(config).to(dtype=dtype)
-    lora = LoraConfig(r=shape["lora_r"], lora_alpha=2 * shape["lora_r"], lora_dropout=0.0, target_modules="all-linear")
-    model = get_peft_model(model, lora)
-    model.train()
-    return model
+    """A randomly initialised LlamaForCausalLM of ``shape`` with LoRA on every linear layer, in ``dtype`` on ``device``."""
+    config = {
+        "vocab_size": shape["vocab"],
+        "hidden_size": shape["hidden"],
+        "intermediate_size": shape["hidden"] * 11 // 4,
+        "num_hidden_layers": shape["layers"],
+        "num_attention_heads": shape["heads"],
+        "num_key_value_heads": shape["heads"],
+        "max_position_embeddings": shape["seq"],
+    }
+    return build_llama(config, device=device, dtype=dtype, lora_r=shape["lora_r"])
 
 
 def backend_for(name: str, device: torch.device):
     """``(backend, None)`` for our backend ``name`` on ``device``, or ``(None, why it cannot run)``."""
-    from qtuning_plugin.ops.backends import TORCH, liger_backend, liger_problem
+    from qtuning_plugin.ops.backends import TORCH, LigerBackend, liger_problem
 
     if name == "torch":
         return TORCH, None
     if device.type == "cpu":  # Liger's and our Triton kernels run on CPU only in the Triton interpreter
         if os.environ.get("TRITON_INTERPRET") == "1":
-            return liger_backend(device), None
+            return LigerBackend(device), None
         return None, "liger on CPU runs only under TRITON_INTERPRET=1"
     problem = liger_problem(device)
-    return (None, problem) if problem else (liger_backend(device), None)
+    return (None, problem) if problem else (LigerBackend(device), None)
 
 
 def full_step_fn(model, inputs: dict, backend):
@@ -110,20 +100,22 @@ def full_step_fn(model, inputs: dict, backend):
     return step
 
 
+@contextlib.contextmanager
 def qtuning_step_fn(model, inputs: dict, backend, ratios: tuple[float, float], device: torch.device):
-    """Q-Tuning's two-pass step through the real trainer loss (`QTuningTrainerMixin.qtuning_loss`)."""
+    """Q-Tuning's two-pass step through the real trainer loss (`QTuningTrainerMixin.qtuning_loss`),
+    for the duration of the ``with`` block."""
     from qtuning_plugin import QTuningConfig
 
     config = QTuningConfig(sample_keep_ratio=ratios[0], token_keep_ratio=ratios[1], backend=backend.name)
-    trainer = qtuning_trainer(model, config, device)
-    trainer._qtuning_backend = backend  # already resolved (and, on CPU, liger under the interpreter)
+    with qtuning_trainer(model, config, device) as trainer:
+        trainer._qtuning_backend = backend  # already resolved (and, on CPU, liger under the interpreter)
 
-    def step() -> torch.Tensor:
-        loss = trainer.qtuning_loss(model, inputs)
-        loss.backward()
-        return loss
+        def step() -> torch.Tensor:
+            loss = trainer.qtuning_loss(model, inputs)
+            loss.backward()
+            return loss
 
-    return step
+        yield step
 
 
 def timed(fn, device: torch.device, warmup: int, repeats: int):
@@ -203,8 +195,8 @@ def run(shape: dict, stats_shape: dict, device: torch.device, dtype: torch.dtype
         print(f"backend {backend.description}")
         results[f"full/{backend_name}"] = measure(full_step_fn(model, inputs, backend), model, device, warmup, repeats)
         for budget, ratios in BUDGETS.items():
-            step = qtuning_step_fn(model, inputs, backend, ratios, device)
-            results[f"{budget}/{backend_name}"] = measure(step, model, device, warmup, repeats)
+            with qtuning_step_fn(model, inputs, backend, ratios, device) as step:
+                results[f"{budget}/{backend_name}"] = measure(step, model, device, warmup, repeats)
     del model, inputs
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -54,6 +54,7 @@ The last printed line is one JSON object (also written to `--json`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -111,12 +112,12 @@ def save_random_model(path: Path, layers: int, shape: dict) -> None:
     in memory at once. Initialised as transformers does: normal(0, 0.02) matrices, norms at one.
     """
     import torch
+    from _common import build_llama
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **shape)
-    with torch.device("meta"):
-        shapes = {name: p.shape for name, p in LlamaForCausalLM(config).state_dict().items()}
+    model = build_llama({**shape, "num_hidden_layers": layers, "dtype": "bfloat16"}, device="meta")
+    config = model.config
+    shapes = {name: p.shape for name, p in model.state_dict().items()}
     shards: dict[str, list[str]] = {}
     for name in shapes:
         layer = re.match(r"model\.layers\.(\d+)\.", name)
@@ -246,6 +247,7 @@ def run_step(arm: str, model, inputs: dict, device: str) -> dict:
     from qtuning_plugin import QTuningConfig
 
     cuda = device == "cuda"
+    scratch = contextlib.ExitStack()
     if arm == "full":
         def loss():
             return model(**inputs).loss
@@ -254,7 +256,7 @@ def run_step(arm: str, model, inputs: dict, device: str) -> dict:
             config = QTuningConfig(warmup_steps=10**9)  # every sample and token, one forward
         else:
             config = QTuningConfig(sample_keep_ratio=SAMPLE_KEEP, token_keep_ratio=TOKEN_KEEP)
-        trainer = qtuning_trainer(model, config, device)
+        trainer = scratch.enter_context(qtuning_trainer(model, config, device))
 
         def loss():
             return trainer.compute_loss(model, inputs)
@@ -274,15 +276,16 @@ def run_step(arm: str, model, inputs: dict, device: str) -> dict:
         return result
 
     qtuning_trainer_module.head_forward = measured_head_forward
-    try:
-        meter = PeakMeter(cuda)
-        start = time.perf_counter()
-        value = loss()
-        value.backward()
-        peak = meter.peak()
-        seconds = time.perf_counter() - start
-    finally:
-        qtuning_trainer_module.head_forward = head_forward
+    with scratch:  # removes the trainer's output folder
+        try:
+            meter = PeakMeter(cuda)
+            start = time.perf_counter()
+            value = loss()
+            value.backward()
+            peak = meter.peak()
+            seconds = time.perf_counter() - start
+        finally:
+            qtuning_trainer_module.head_forward = head_forward
     if phases:
         phases[-1]["peak_bytes"] = peak
     step_peak = max([peak] + [phase["peak_bytes"] for phase in phases])

@@ -30,6 +30,7 @@ gradient accumulation 16 (16 rows), through the trainer's own step (``get_batch_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -51,31 +52,30 @@ def _rss_bytes() -> int:
 
 def run_arm(arm: str, shape: dict) -> dict:
     """Build the model, run the steps of one arm; seconds per step and peak RSS growth in bytes."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from _common import qtuning_trainer, sft_batch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from _common import build_llama, sft_batch
 
-    from qtuning_plugin import QTuningConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=shape["vocab"],
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["hidden"] * 8 // 3,
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=shape["seq"],
-        attn_implementation="sdpa",
-    )
-    model = get_peft_model(
-        LlamaForCausalLM(config), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
-    )
-    model.train()
+    config = {
+        "vocab_size": shape["vocab"],
+        "hidden_size": shape["hidden"],
+        "intermediate_size": shape["hidden"] * 8 // 3,
+        "num_hidden_layers": shape["layers"],
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": shape["seq"],
+    }
+    model = build_llama(config, lora_r=8)
 
     inputs = sft_batch(shape["vocab"], shape["batch"], shape["seq"])
     rows = [{key: value[i : i + 1] for key, value in inputs.items()} for i in range(shape["batch"])]
+    with contextlib.ExitStack() as scratch:
+        return _time_steps(_step_fn(arm, model, inputs, rows, scratch), model, shape["repeats"])
+
+
+def _step_fn(arm: str, model, inputs: dict, rows: list[dict], scratch: contextlib.ExitStack):
+    """The training step of ``arm``; its trainer, if any, lives until ``scratch`` closes."""
+    from _common import qtuning_trainer
+
+    from qtuning_plugin import QTuningConfig
 
     if arm == "full_mbs1":
         def step():
@@ -83,9 +83,8 @@ def run_arm(arm: str, shape: dict) -> dict:
                 (model(**row).loss / len(rows)).backward()
     elif arm in CONSUMER_ARMS:
         sample_keep, token_keep = CONSUMER_ARMS[arm]
-        trainer = qtuning_trainer(
-            model, QTuningConfig(triage_scope="step", sample_keep_ratio=sample_keep, token_keep_ratio=token_keep)
-        )
+        config = QTuningConfig(triage_scope="step", sample_keep_ratio=sample_keep, token_keep_ratio=token_keep)
+        trainer = scratch.enter_context(qtuning_trainer(model, config))
 
         def step():
             passes, _ = trainer.get_batch_samples(iter(rows), len(rows), model.device)
@@ -100,14 +99,18 @@ def run_arm(arm: str, shape: dict) -> dict:
             config = QTuningConfig(warmup_steps=10**9)  # every sample and token, one forward
         else:
             config = QTuningConfig(sample_keep_ratio=ARMS[arm][0], token_keep_ratio=ARMS[arm][1])
-        trainer = qtuning_trainer(model, config)
+        trainer = scratch.enter_context(qtuning_trainer(model, config))
 
         def step():
             trainer.compute_loss(model, inputs).backward()
+    return step
 
+
+def _time_steps(step, model, repeats: int) -> dict:
+    """Seconds per step (median after one warm-up step) and peak RSS growth in bytes."""
     baseline = _rss_bytes()
     times = []
-    for _ in range(shape["repeats"] + 1):  # the first step warms up and is not timed
+    for _ in range(repeats + 1):  # the first step warms up and is not timed
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         step()

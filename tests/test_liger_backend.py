@@ -25,6 +25,7 @@ and the parent checks in the child's JUnit report that every CPU parity test and
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 import re
@@ -80,6 +81,7 @@ CPU_PARITY_TESTS = (
     len(DTYPES)  # test_parity_kernel_on_shared_logits
     + len(DTYPES) * len(BIASES)  # test_parity_triton_token_stats
     + 1  # test_parity_triton_extremes
+    + 1  # test_parity_inputs_checked_before_any_kernel
     + len(DTYPES) * len(BIASES) * len(LABEL_SMOOTHING)  # test_parity_liger_loss_and_gradients
     + 1  # test_parity_liger_loss_edge_cases
     + len(DTYPES) * len(BIASES)  # test_parity_liger_token_stats
@@ -170,7 +172,7 @@ def test_auto_picks_liger_where_it_can_run(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger=LOG.logger.name):
         backend = resolve_backend("auto", "cuda")
     assert backend.name == "liger"
-    assert re.search(r"liger-kernel \d+\.\d+\.\d+: loss via LigerFusedLinearCrossEntropyFunction", caplog.text)
+    assert re.search(r"liger-kernel \d+\.\d+\.\d+: loss via liger_fused_linear_cross_entropy", caplog.text)
     assert "statistics via" in caplog.text
 
 
@@ -179,6 +181,20 @@ def test_auto_picks_liger_where_it_can_run(monkeypatch, caplog):
 def test_auto_on_cuda_picks_liger_when_installed():
     expected = "liger" if liger_problem("cuda") is None else "torch"
     assert resolve_backend("auto", "cuda").name == expected
+
+
+@pytest.mark.parametrize("backend", [backends.TorchBackend, backends.LigerBackend])
+def test_backends_have_the_protocol_signatures(backend):
+    """Each backend's ops take exactly the parameters (names, kinds, defaults) that `Backend` declares."""
+
+    def parameters(function, skip_self=False):
+        found = list(inspect.signature(function).parameters.values())[1 if skip_self else 0 :]
+        return [(p.name, p.kind, p.default) for p in found]
+
+    assert isinstance(backend.name, str) and backend.name in backends.BACKENDS
+    for method in ("token_stats", "linear_cross_entropy"):
+        declared = parameters(getattr(backends.Backend, method), skip_self=True)
+        assert parameters(getattr(backend, method)) == declared, method
 
 
 @PARENT_ONLY
@@ -242,6 +258,19 @@ def test_parity_triton_extremes(device, triton_stats):
     assert empty[0].shape == empty[1].shape == (0,)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_parity_inputs_checked_before_any_kernel(device, triton_stats, liger_ops):
+    """The Triton and Liger ops reject what the torch op rejects (`contract.validate_inputs`)."""
+    hidden, weight, bias, targets = _problem(device, torch.float32, bias=True)
+    for op in (triton_stats.token_stats, liger_ops.token_stats, liger_ops.linear_cross_entropy):
+        with pytest.raises(ValueError, match="weight dtype"):
+            op(hidden, weight.double(), targets)
+        with pytest.raises(ValueError, match="targets must be 1-D"):
+            op(hidden, weight, targets[:-1])
+        with pytest.raises(ValueError, match="bias must be 1-D"):
+            op(hidden, weight, targets, bias=bias[:-1])
+
+
 # ------------------------------------------------------------------------- parity (Liger)
 def _loss_and_grads(fn, hidden, weight, bias, targets, scale, label_smoothing):
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
@@ -274,7 +303,10 @@ def test_parity_liger_loss_and_gradients(device, dtype, bias, label_smoothing, l
             assert (grad is None) == (ref is None)
             if grad is not None:
                 assert grad.dtype == ref.dtype
-                # bf16 Liger accumulates the weight gradient in bf16: compare relative to its scale.
+                # bf16: both ops round the logits' gradient to bf16 before its matmuls, and Liger
+                # each chunk's weight-gradient product too (accum_dtype=float32 only widens the sum
+                # over chunks), so they differ by a few bf16 steps of the largest entry: measured
+                # up to 1.95e-2 * max|ref| (d hidden, with bias), with or without accum_dtype.
                 atol = (1e-5 if dtype == torch.float32 else 3e-2) * float(ref.abs().max())
                 torch.testing.assert_close(grad.float(), ref.float(), atol=atol, rtol=tol["rtol"])
 
@@ -315,6 +347,29 @@ def test_parity_liger_token_stats(device, dtype, bias, liger_ops):
     torch.testing.assert_close(nll, ref_nll.float(), **tol)
     torch.testing.assert_close(entropy, ref_entropy.float(), **tol)
     assert nll.dtype == entropy.dtype == torch.float32
+
+
+@PARENT_ONLY
+def test_liger_loss_glue_asks_for_float32_accumulation(monkeypatch):
+    """Our call of Liger's functional: by keyword, with the head's gradients accumulated in float32
+    (not observable on CPU, where Liger rounds each chunk's product to bf16 anyway)."""
+    from qtuning_plugin.ops import liger as liger_glue
+
+    calls = []
+
+    def fake_functional(**kwargs):  # keywords only, as ours must be
+        calls.append(kwargs)
+        return kwargs["input"].float().sum()
+
+    monkeypatch.setattr(liger_glue, "fused_linear_cross_entropy", lambda: fake_functional)
+    hidden, weight, bias, targets = _problem("cpu", torch.bfloat16, bias=True)
+    loss = liger_glue.linear_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=7, label_smoothing=0.1)
+    assert loss == hidden.float().sum()
+    (call,) = calls
+    assert call["input"] is hidden and call["weight"] is weight and call["bias"] is bias
+    assert torch.equal(call["target"], targets)
+    assert (call["ignore_index"], call["label_smoothing"], call["reduction"]) == (7, 0.1, "sum")
+    assert call["accum_dtype"] is torch.float32
 
 
 class _FakeScaledCE:
@@ -384,7 +439,7 @@ def test_parity_trainer_loss_liger_vs_torch(device, liger_ops, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=device == "cpu", save_strategy="no")
     config = QTuningConfig(sample_keep_ratio=0.5, token_keep_ratio=0.5)
     results = {}
-    for backend in (TORCH, backends.liger_backend(device)):
+    for backend in (TORCH, backends.LigerBackend(device)):
         trainer = QTuningTrainer(model=model, args=args, qtuning_config=config)
         trainer._qtuning_backend = backend  # resolve_backend refuses liger on CPU: set it directly
         model.zero_grad(set_to_none=True)

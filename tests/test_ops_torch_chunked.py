@@ -212,6 +212,7 @@ def test_default_chunk_size():
         ("hidden", lambda a: {**a, "hidden": a["hidden"][0]}),
         ("weight", lambda a: {**a, "weight": a["weight"][:, :-1]}),
         ("weight", lambda a: {**a, "weight": a["weight"][0]}),
+        ("weight dtype", lambda a: {**a, "weight": a["weight"].double()}),
         ("targets", lambda a: {**a, "targets": a["targets"][:-1]}),
         ("targets", lambda a: {**a, "targets": a["targets"][None]}),
         ("bias", lambda a: {**a, "bias": a["bias"][:-1]}),

@@ -175,16 +175,15 @@ def eval_splits() -> tuple[list, list, set[int]]:
 
 # ----------------------------------------------------------------------------- model
 def build_model(settings: dict):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from _common import build_llama
 
-    torch.manual_seed(settings["seed"])
-    config = LlamaConfig(
+    config = dict(
         vocab_size=VOCAB, hidden_size=settings["hidden"], intermediate_size=2 * settings["hidden"],
         num_hidden_layers=settings["layers"], num_attention_heads=settings["heads"],
-        num_key_value_heads=settings["heads"], max_position_embeddings=32, tie_word_embeddings=False,
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, attn_implementation="sdpa",
+        num_key_value_heads=settings["heads"], max_position_embeddings=32,
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
     )
-    return LlamaForCausalLM(config)
+    return build_llama(config, seed=settings["seed"])
 
 
 @torch.no_grad()
@@ -634,7 +633,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     logging.getLogger("qtuning_plugin").setLevel(logging.WARNING)
-    sys.path.insert(0, str(HERE))  # trainers.py, figures.py
+    sys.path[:0] = [str(HERE), str(HERE.parent)]  # trainers.py, figures.py; benchmarks/_common.py
     import figures
 
     t0 = time.time()

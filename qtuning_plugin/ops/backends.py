@@ -1,51 +1,100 @@
 """Which fused linear cross-entropy computes the statistics and the loss (``qtuning.backend``).
 
 * ``torch``: `qtuning_plugin.ops.torch_chunked`, chunked PyTorch; any device.
-* ``liger``: CUDA only. Loss through Liger Kernel's ``LigerFusedLinearCrossEntropyFunction``
-  (``reduction="sum"`` over the kept rows), statistics through Liger's fused scaled
-  cross-entropy where it is fused for the inputs, else our Triton kernel
+* ``liger``: CUDA only. Loss through Liger Kernel's ``liger_fused_linear_cross_entropy``
+  (``reduction="sum"`` over the kept rows, float32 gradient accumulation), statistics through
+  Liger's fused scaled cross-entropy where it is fused for the inputs, else our Triton kernel
   (`qtuning_plugin.ops.liger`, `qtuning_plugin.ops.triton_stats`).
 * ``auto``: ``liger`` where it can run (a CUDA device, Triton with a working GPU driver,
   liger-kernel importable), ``torch`` everywhere else.
 
 liger-kernel and triton are imported only when ``liger``/``auto`` is resolved on a CUDA device.
+
+A backend is any object with the attributes and methods of :class:`Backend` (a ``Protocol``):
+`TorchBackend` and `LigerBackend` here.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional, Protocol, Union
 
 import torch
+from torch import Tensor
 
 from qtuning_plugin._logging import LOG
-from qtuning_plugin.ops.torch_chunked import linear_cross_entropy, token_stats
+from qtuning_plugin.ops import liger, torch_chunked
 
 BACKENDS = ("auto", "liger", "torch")
 
 
-@dataclass(frozen=True)
-class Backend:
-    """A pair of fused ops with the signatures of `torch_chunked`.
+class Backend(Protocol):
+    """A pair of fused LM-head ops, as the trainer calls them.
 
-    ``linear_cross_entropy`` is only ever called with ``reduction="sum"`` (and ``label_smoothing``).
-    ``description`` says which implementation computes what, for the start-up log.
+    ``name`` is the ``qtuning.backend`` value; ``description`` says which implementation computes
+    what, for the start-up log.
     """
 
     name: str
-    token_stats: Callable
-    linear_cross_entropy: Callable
-    description: str = ""
+    description: str
+
+    def token_stats(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        *,
+        bias: Optional[Tensor] = None,
+        ignore_index: int = -100,
+        chunk_size: Optional[int] = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Per-token ``(nll, entropy)`` in nats of ``hidden [N, H] @ weight [V, H].T + bias [V]``
+        against ``targets [N]``: each ``[N]`` float32, 0 where the target is ``ignore_index``;
+        no autograd. See `torch_chunked.token_stats`."""
+        ...
+
+    def linear_cross_entropy(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        *,
+        bias: Optional[Tensor] = None,
+        ignore_index: int = -100,
+        reduction: str = "sum",
+        chunk_size: Optional[int] = None,
+        label_smoothing: float = 0.0,
+    ) -> Tensor:
+        """Differentiable cross-entropy (nats) of the same logits, a float32 scalar. The trainer
+        calls it with ``reduction="sum"`` only. See `torch_chunked.linear_cross_entropy`."""
+        ...
 
 
-TORCH = Backend(
-    "torch",
-    token_stats,
-    linear_cross_entropy,
-    "torch: statistics and loss via the chunked PyTorch op (qtuning_plugin.ops.torch_chunked)",
-)
+class TorchBackend:
+    """``torch``: the chunked PyTorch ops (`qtuning_plugin.ops.torch_chunked`); any device."""
+
+    name = "torch"
+    description = "torch: statistics and loss via the chunked PyTorch op (qtuning_plugin.ops.torch_chunked)"
+    token_stats = staticmethod(torch_chunked.token_stats)
+    linear_cross_entropy = staticmethod(torch_chunked.linear_cross_entropy)
+
+
+class LigerBackend:
+    """``liger``: Liger Kernel's loss and Triton statistics (`qtuning_plugin.ops.liger`); CUDA only.
+
+    Constructing it checks nothing (see :func:`liger_problem`).
+    """
+
+    name = "liger"
+    token_stats = staticmethod(liger.token_stats)
+    linear_cross_entropy = staticmethod(liger.linear_cross_entropy)
+
+    def __init__(self, device: Union[torch.device, str] = "cuda"):
+        self.description = f"liger-kernel {_version('liger-kernel')}: {liger.describe(torch.device(device))}"
+
+
+TORCH: Backend = TorchBackend()
 
 
 def _version(distribution: str) -> Optional[str]:
@@ -79,7 +128,7 @@ def _liger_problem() -> Optional[str]:
     if _version("liger-kernel") is None:
         return "liger-kernel is not installed (pip install 'qtuning-plugin[liger]')"
     try:
-        importlib.import_module("liger_kernel.ops.fused_linear_cross_entropy").LigerFusedLinearCrossEntropyFunction
+        liger.fused_linear_cross_entropy()
     except Exception as error:
         return f"liger-kernel {_version('liger-kernel')} failed to import its fused linear cross-entropy ({error})"
     return None
@@ -94,13 +143,6 @@ def liger_problem(device: Union[torch.device, str]) -> Optional[str]:
     if device.type != "cuda":
         return f"it needs a CUDA device and the model is on {device.type}"
     return _triton_problem() or _liger_problem()
-
-
-def liger_backend(device: Union[torch.device, str] = "cuda") -> Backend:
-    """The ``liger`` backend, without checking that it can run (see :func:`liger_problem`)."""
-    from qtuning_plugin.ops import liger
-
-    return Backend("liger", liger.token_stats, liger.linear_cross_entropy, liger.describe(torch.device(device)))
 
 
 def resolve_backend(name: str, device: Union[torch.device, str]) -> Backend:
@@ -124,7 +166,7 @@ def resolve_backend(name: str, device: Union[torch.device, str]) -> Backend:
             )
         LOG.info("qtuning.backend auto: torch (liger is not usable: %s). %s", problem, TORCH.description)
         return TORCH
-    backend = liger_backend(device)
+    backend = LigerBackend(device)
     LOG.info(
         "qtuning.backend %s: torch %s, triton %s; %s",
         name,

@@ -2,11 +2,12 @@
 
 Pure functions with the signatures of `qtuning_plugin.ops.torch_chunked`:
 
-* :func:`linear_cross_entropy` -- the training loss through Liger's
-  ``LigerFusedLinearCrossEntropyFunction`` (Triton), ``reduction="sum"`` or ``"mean"`` only.
-  ``"none"`` is refused: before liger-kernel 0.8.2 its backward ignored the per-row upstream
-  gradient (the gradients were those of the sum). Our trainer gathers the kept rows first, asks
-  for the sum and divides by the kept count itself.
+* :func:`linear_cross_entropy` -- the training loss through Liger's public functional
+  ``liger_fused_linear_cross_entropy`` (Triton), called by keyword, with the LM-head weight and
+  bias gradients accumulated in float32 (``accum_dtype``); ``reduction="sum"`` or ``"mean"``
+  only. ``"none"`` is refused: before liger-kernel 0.8.2 its backward ignored the per-row
+  upstream gradient (the gradients were those of the sum). Our trainer gathers the kept rows
+  first, asks for the sum and divides by the kept count itself.
 * :func:`token_stats` -- gradient-free per-token NLL and entropy. Liger's
   ``LigerFusedLinearScaledCrossEntropyFunction(..., return_entropy=True)`` (liger-kernel >= 0.8.2)
   where it is really fused (its CuTe DSL kernel: Hopper sm90, bf16, no LM-head bias); elsewhere
@@ -21,38 +22,35 @@ from __future__ import annotations
 
 import functools
 import importlib
-from importlib import metadata
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from qtuning_plugin.ops.contract import kept_row_stats, validate_inputs
+
 __all__ = [
     "describe",
+    "fused_linear_cross_entropy",
     "linear_cross_entropy",
-    "liger_version",
     "scaled_ce_function",
     "scaled_ce_usable",
     "token_stats",
 ]
 
-_FLCE = "liger_kernel.ops.fused_linear_cross_entropy"
+_FUNCTIONAL = "liger_kernel.transformers.functional"
 _SCALED_CE = "liger_kernel.ops.fused_linear_scaled_cross_entropy"
 _SCALED_CE_SM90 = "liger_kernel.ops.cutedsl.ops.fused_scaled_cross_entropy_sm90"
 
 
-def liger_version() -> Optional[str]:
-    """The installed liger-kernel version, or None if it is not installed."""
-    try:
-        return metadata.version("liger-kernel")
-    except metadata.PackageNotFoundError:
-        return None
-
-
 @functools.lru_cache(maxsize=None)
-def _flce() -> Any:
-    """``LigerFusedLinearCrossEntropyFunction`` (imports liger-kernel and triton)."""
-    return importlib.import_module(_FLCE).LigerFusedLinearCrossEntropyFunction
+def fused_linear_cross_entropy() -> Callable:
+    """Liger's public ``liger_fused_linear_cross_entropy`` (imports liger-kernel and triton).
+
+    Its keywords (``input``, ``weight``, ``target``, ``bias``, ``ignore_index``, ``label_smoothing``,
+    ``reduction``, ``accum_dtype``) are the same from liger-kernel 0.8.1 to 0.8.5.
+    """
+    return importlib.import_module(_FUNCTIONAL).liger_fused_linear_cross_entropy
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,25 +125,29 @@ def linear_cross_entropy(
 
     Returns:
         A float32 scalar. Liger computes every gradient during the forward (one chunked pass),
-        the backward only scales them by the upstream gradient.
+        the backward only scales them by the upstream gradient. The weight and bias gradients
+        are accumulated in float32 over Liger's chunks and returned in their parameters' dtype.
     """
     del chunk_size
     if reduction not in ("sum", "mean"):
         raise ValueError(
             f"liger linear_cross_entropy supports reduction 'sum' or 'mean', not {reduction!r}: "
-            "LigerFusedLinearCrossEntropyFunction's reduction='none' backward is wrong before liger-kernel 0.8.2"
+            "Liger's reduction='none' backward is wrong before liger-kernel 0.8.2"
         )
+    validate_inputs(hidden, weight, targets, bias, None)
     if hidden.shape[0] == 0:  # Liger divides by zero on empty input; a zero that reaches every input
         terms = [t.sum() for t in (hidden, weight, bias) if t is not None and t.requires_grad]
         return sum(terms, hidden.new_zeros((), dtype=torch.float32)).float() * 0.0
-    # autograd.Function.apply takes positional arguments only; liger-kernel 0.8.1 order:
-    # (_input, weight, target, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing,
-    #  reduction, softcap, return_z_loss, accum_dtype, use_token_scaling, return_token_accuracy,
-    #  return_predicted_tokens) -> (loss, z_loss, token_accuracy, predicted_tokens).
-    out = _flce().apply(
-        hidden, weight, targets.contiguous(), bias, None, ignore_index, 0.0, float(label_smoothing), reduction
+    return fused_linear_cross_entropy()(
+        input=hidden,
+        weight=weight,
+        target=targets.contiguous(),
+        bias=bias,
+        ignore_index=ignore_index,
+        label_smoothing=float(label_smoothing),
+        reduction=reduction,
+        accum_dtype=torch.float32,
     )
-    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
@@ -170,20 +172,15 @@ def token_stats(
         widened), else through `qtuning_plugin.ops.triton_stats.token_stats`.
     """
     if scaled_ce_usable(hidden.device, hidden.dtype, bias is not None):
-        nll = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        entropy = torch.zeros_like(nll)
-        rows = (targets != ignore_index).nonzero().squeeze(1)  # only these enter the matmul
-        if rows.numel() > 0:
-            nll_k, entropy_k = scaled_ce_function().apply(
-                hidden.index_select(0, rows),
-                weight,
-                targets.index_select(0, rows),
-                ignore_index=ignore_index,
-                return_entropy=True,
-            )
-            nll.index_copy_(0, rows, nll_k.float())
-            entropy.index_copy_(0, rows, entropy_k.float())
-        return nll, entropy
+        return kept_row_stats(
+            lambda h, t: scaled_ce_function().apply(h, weight, t, ignore_index=ignore_index, return_entropy=True),
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            ignore_index=ignore_index,
+            chunk_size=chunk_size,
+        )
     from qtuning_plugin.ops import triton_stats
 
     return triton_stats.token_stats(
@@ -192,7 +189,7 @@ def token_stats(
 
 
 def describe(device: torch.device) -> str:
-    """One line for the start-up log: the liger-kernel version and which op computes what on ``device``."""
+    """One line for the start-up log: which op computes what on ``device``."""
     stats = "our Triton kernel (qtuning_plugin.ops.triton_stats)"
     if scaled_ce_usable(device, dtype=None):
         stats = (
@@ -202,6 +199,6 @@ def describe(device: torch.device) -> str:
     elif scaled_ce_function() is not None:
         stats += " (Liger's fused scaled cross-entropy needs sm90 and its cutedsl extra)"
     return (
-        f"liger-kernel {liger_version()}: loss via LigerFusedLinearCrossEntropyFunction (reduction=sum), "
+        "loss via liger_fused_linear_cross_entropy (reduction=sum, accum_dtype=float32), "
         f"statistics via {stats}"
     )

@@ -21,56 +21,14 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["default_chunk_size", "linear_cross_entropy", "token_stats"]
+from qtuning_plugin.ops.contract import CHUNK_ELEMENTS, default_chunk_size, kept_row_stats, kept_rows, validate_inputs
 
-#: Element budget of one chunk's logits: 2**24 float32 values = 64 MiB.
-_CHUNK_ELEMENTS = 2**24
-#: Half of it where the gradients are computed too: the float32 [V, H] gradient accumulator
-#: is live beside the two chunk buffers, so smaller chunks keep the peak lower.
-_GRAD_CHUNK_ELEMENTS = 2**23
+__all__ = ["linear_cross_entropy", "token_stats"]
+
+#: Half of `contract.CHUNK_ELEMENTS` where the gradients are computed too: the float32 [V, H]
+#: gradient accumulator is live beside the two chunk buffers, so smaller chunks keep the peak lower.
+_GRAD_CHUNK_ELEMENTS = CHUNK_ELEMENTS // 2
 _REDUCTIONS = ("sum", "mean", "none")
-
-
-def default_chunk_size(num_tokens: int, vocab_size: int, *, elements: int = _CHUNK_ELEMENTS) -> int:
-    """Rows per chunk so that one chunk's float32 logits take at most ``elements`` values (64 MiB).
-
-    The rule is ``min(num_tokens, 2**floor(log2(elements // vocab_size)))``, at least 1: the largest
-    power of two whose ``[rows, vocab_size]`` float32 block holds at most ``elements`` values,
-    capped at the number of tokens (e.g. 512 rows for ``vocab_size=32000``). `linear_cross_entropy`
-    uses half that budget (256 rows there).
-    """
-    rows = max(1, elements // max(1, vocab_size))
-    return max(1, min(num_tokens, 1 << (rows.bit_length() - 1)))
-
-
-def _validate(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    bias: Optional[Tensor],
-    chunk_size: Optional[int],
-    elements: int = _CHUNK_ELEMENTS,
-) -> int:
-    """Check shapes and dtypes; return the chunk size to use."""
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(
-            f"weight must be 2-D [V, H] with H={hidden.shape[1]} (from hidden), got {tuple(weight.shape)}"
-        )
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
-        raise ValueError(
-            f"targets must be 1-D [N] with N={hidden.shape[0]} (from hidden), got {tuple(targets.shape)}"
-        )
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"bias must be 1-D [V] with V={weight.shape[0]}, got shape {tuple(bias.shape)}")
-    if chunk_size is None:
-        return default_chunk_size(hidden.shape[0], weight.shape[0], elements=elements)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return chunk_size
 
 
 def _softmax_chunks(
@@ -114,11 +72,6 @@ def _autocast_inputs(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]
     return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
 
 
-def _valid_rows(targets: Tensor, ignore_index: int) -> Tensor:
-    """Indices ``[M]`` (int64) of the rows whose target is not ``ignore_index``."""
-    return (targets != ignore_index).nonzero().squeeze(1)
-
-
 @torch.no_grad()
 def token_stats(
     hidden: Tensor,
@@ -137,7 +90,7 @@ def token_stats(
         targets: ``[N]`` int64 next-token ids; ``ignore_index`` marks positions to skip.
         bias: optional ``[V]`` LM-head bias.
         ignore_index: target value of skipped positions.
-        chunk_size: tokens per chunk; ``None`` uses :func:`default_chunk_size`.
+        chunk_size: tokens per chunk; ``None`` uses `contract.default_chunk_size`.
 
     Returns:
         ``(nll, entropy)``, each ``[N]`` float32 (float64 for float64 inputs), with ``z`` the logits:
@@ -146,16 +99,20 @@ def token_stats(
         No autograd graph is recorded.
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    chunk_size = _validate(hidden, weight, targets, bias, chunk_size)
-    rows = _valid_rows(targets, ignore_index)
-    h, t = hidden.index_select(0, rows), targets.index_select(0, rows)
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    nll, entropy = (hidden.new_zeros(hidden.shape[0], dtype=acc) for _ in range(2))
-    for start, z, p, lse in _softmax_chunks(h, weight, bias, chunk_size):
-        end = start + len(z)
-        nll.index_copy_(0, rows[start:end], lse - z.gather(1, t[start:end, None]).squeeze(1))
-        entropy.index_copy_(0, rows[start:end], lse - z.mul_(p).sum(dim=1))
-    return nll, entropy
+
+    def stats_of_rows(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        nll, entropy = (h.new_empty(h.shape[0], dtype=acc) for _ in range(2))
+        chunk = chunk_size or default_chunk_size(h.shape[0], weight.shape[0])
+        for start, z, p, lse in _softmax_chunks(h, weight, bias, chunk):
+            end = start + len(z)
+            nll[start:end] = lse - z.gather(1, t[start:end, None]).squeeze(1)
+            entropy[start:end] = lse - z.mul_(p).sum(dim=1)
+        return nll, entropy
+
+    return kept_row_stats(
+        stats_of_rows, hidden, weight, targets, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size, dtype=acc
+    )
 
 
 def _loss_and_grads(
@@ -183,7 +140,7 @@ def _loss_and_grads(
     grad_hidden has ``hidden.dtype``, grad_weight and grad_bias are float32 accumulators
     (float64 throughout for float64 inputs).
     """
-    rows = _valid_rows(targets, ignore_index)
+    rows = kept_rows(targets, ignore_index)
     h, t = hidden.index_select(0, rows), targets.index_select(0, rows)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     scale = None if row_scale is None else row_scale.index_select(0, rows).to(acc)
@@ -279,7 +236,7 @@ def linear_cross_entropy(
         ignore_index: target value of ignored positions.
         reduction: ``"sum"`` (scalar), ``"mean"`` (scalar, mean over non-ignored targets, 0 when there
             are none) or ``"none"`` (``[N]``, 0 at ignored positions).
-        chunk_size: tokens per chunk; ``None`` uses :func:`default_chunk_size` at half its budget.
+        chunk_size: tokens per chunk; ``None`` uses `contract.default_chunk_size` at half its budget.
         label_smoothing: in [0, 1]; the target's probability mass moved uniformly over the
             vocabulary (see `_loss_and_grads`).
 
@@ -292,7 +249,9 @@ def linear_cross_entropy(
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    chunk_size = _validate(hidden, weight, targets, bias, chunk_size, _GRAD_CHUNK_ELEMENTS)
+    validate_inputs(hidden, weight, targets, bias, chunk_size)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], elements=_GRAD_CHUNK_ELEMENTS)
     return _LinearCrossEntropy.apply(
         hidden, weight, bias, targets, ignore_index, float(label_smoothing), reduction, chunk_size,
         torch.is_grad_enabled(),

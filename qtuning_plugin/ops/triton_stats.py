@@ -22,7 +22,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["default_block_size", "default_chunk_size", "logits_stats", "token_stats"]
+from qtuning_plugin.ops.contract import default_chunk_size, kept_row_stats
+
+__all__ = ["default_block_size", "logits_stats", "token_stats"]
 
 #: Largest vocabulary block one program reduces per loop iteration (Liger's MAX_FUSED_SIZE).
 MAX_BLOCK_SIZE = 32768
@@ -87,14 +89,6 @@ def _token_stats_kernel(
 def default_block_size(vocab_size: int) -> int:
     """Vocabulary block per loop iteration: ``min(32768, next_power_of_2(V))``."""
     return min(MAX_BLOCK_SIZE, triton.next_power_of_2(vocab_size))
-
-
-def default_chunk_size(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
-    """Rows per logits chunk, Liger's rule: a chunk's logits take about as much memory as ``hidden``.
-
-    ``next_power_of_2(ceil(N / ceil(V / H)))``, e.g. 1024 rows for N 8192, V 32000, H 4096.
-    """
-    return triton.next_power_of_2(triton.cdiv(max(num_tokens, 1), triton.cdiv(vocab_size, hidden_size)))
 
 
 def _num_warps(block_size: int) -> int:
@@ -163,7 +157,8 @@ def token_stats(
         targets: ``[N]`` int64 next-token ids; ``ignore_index`` marks positions to skip.
         bias: optional ``[V]`` LM-head bias.
         ignore_index: target value of skipped positions.
-        chunk_size: tokens per logits chunk; None uses :func:`default_chunk_size`.
+        chunk_size: tokens per logits chunk; None uses `contract.default_chunk_size`'s
+            Triton rule (a chunk's logits about the size of ``hidden``).
         block_size: vocabulary block of the kernel; None uses :func:`default_block_size`.
 
     Returns:
@@ -172,25 +167,20 @@ def token_stats(
         dtype, the bias added in float32 by the kernel, which reduces in float32 (as the torch
         op does).
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets must be [N] with N={hidden.shape[0]}, got {tuple(targets.shape)}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    nll = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    entropy = torch.zeros_like(nll)
-    rows = (targets != ignore_index).nonzero().squeeze(1)
-    if rows.numel() == 0:
+
+    def stats_of_rows(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        nll = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        entropy = torch.empty_like(nll)
+        chunk = chunk_size or default_chunk_size(h.shape[0], weight.shape[0], hidden_size=h.shape[1])
+        for start in range(0, h.shape[0], chunk):
+            end = start + chunk
+            logits = h[start:end] @ weight.t()
+            nll[start:end], entropy[start:end] = logits_stats(
+                logits, t[start:end], bias=bias, ignore_index=ignore_index, block_size=block_size
+            )
+            del logits
         return nll, entropy
-    h, t = hidden.index_select(0, rows), targets.index_select(0, rows)
-    vocab = weight.shape[0]
-    chunk = chunk_size or default_chunk_size(h.shape[0], vocab, hidden.shape[1])
-    for start in range(0, h.shape[0], chunk):
-        h_c, t_c = h[start : start + chunk], t[start : start + chunk]
-        logits = h_c @ weight.t()
-        nll_c, entropy_c = logits_stats(logits, t_c, bias=bias, ignore_index=ignore_index, block_size=block_size)
-        del logits
-        nll.index_copy_(0, rows[start : start + chunk], nll_c)
-        entropy.index_copy_(0, rows[start : start + chunk], entropy_c)
-    return nll, entropy
+
+    return kept_row_stats(
+        stats_of_rows, hidden, weight, targets, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size
+    )
