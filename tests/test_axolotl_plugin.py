@@ -291,11 +291,12 @@ def test_context_parallelism_is_refused_at_validation(plugin_manager):
         validate_config(cfg)
 
 
-def test_axolotls_own_compute_loss_work_is_kept(tmp_path):
+@pytest.mark.parametrize("scoring", ["step", "two_pass"])
+def test_axolotls_own_compute_loss_work_is_kept(tmp_path, scoring):
     """`AxolotlTrainer.compute_loss` counts the tokens behind `tokens/train_per_sec_per_gpu` and
     fixes up model inputs (for Gemma 4 it adds zero `mm_token_type_ids`): under Q-Tuning both
-    still happen, in every forward of the step. The tiny Llama's config says gemma4 to take that
-    branch; one training step through `Trainer.train()`."""
+    still happen, in every forward of the step, in both triage scopes. The tiny Llama's config
+    says gemma4 to take that branch; one training step through `Trainer.train()`."""
     import torch
     from axolotl.core.training_args import AxolotlTrainingArguments
     from datasets import Dataset
@@ -303,7 +304,7 @@ def test_axolotls_own_compute_loss_work_is_kept(tmp_path):
     from qtuning_plugin import QTuningConfig
     from qtuning_plugin.axolotl.trainer import AxolotlQTuningTrainer
 
-    from conftest import random_batch, tiny_llama
+    from conftest import SCORINGS, random_batch, tiny_llama
 
     model = tiny_llama()
     model.get_base_model().config.model_type = "gemma4"
@@ -315,7 +316,7 @@ def test_axolotls_own_compute_loss_work_is_kept(tmp_path):
     batch = random_batch(batch=8)
     trainer = AxolotlQTuningTrainer(
         model=model, args=args, train_dataset=Dataset.from_dict({key: value.tolist() for key, value in batch.items()}),
-        qtuning_config=QTuningConfig(sample_keep_ratio=0.5),
+        qtuning_config=QTuningConfig(sample_keep_ratio=0.5, **SCORINGS[scoring]),
     )
     type_ids = []
     hook = model.get_base_model().register_forward_pre_hook(

@@ -118,14 +118,17 @@ def equal_token_rows(rows=8, length=12, prompt=3, seed=2):
     return {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
 
 
+@pytest.mark.parametrize("scoring", list(SCORINGS))
 @pytest.mark.parametrize("accepts_loss_kwargs", [True, False], ids=["num_items_in_batch", "no_loss_kwargs"])
-def test_gradient_accumulation_makes_the_plain_trainers_update(tmp_path, accepts_loss_kwargs):
+def test_gradient_accumulation_makes_the_plain_trainers_update(tmp_path, accepts_loss_kwargs, scoring):
     """4 accumulated micro-batches of 2 rows, equal trainable-token counts (so that the mean of the
     micro-batch means is the mean over the step's tokens): the plain Trainer's update and loss,
-    whether or not transformers normalises by ``num_items_in_batch`` itself."""
+    whether or not transformers normalises by ``num_items_in_batch`` itself, in each triage
+    scope and scoring."""
     dataset = Rows(equal_token_rows())
     results = []
-    for cls, extra in ((Trainer, {}), (QTuningTrainer, {"qtuning_config": QTuningConfig(**ALL)})):
+    config = QTuningConfig(**SCORINGS[scoring], **ALL)
+    for cls, extra in ((Trainer, {}), (QTuningTrainer, {"qtuning_config": config})):
         args = sgd_args(tmp_path / cls.__name__, per_device_train_batch_size=2, gradient_accumulation_steps=4)
         trainer = cls(model=tiny_llama(seed=0), args=args, train_dataset=dataset, **extra)
         trainer.model_accepts_loss_kwargs = accepts_loss_kwargs
