@@ -26,7 +26,7 @@ import os
 from collections import defaultdict, deque
 from typing import Any, NamedTuple, Optional, Sequence
 
-from qtuning_plugin.core.triage import QUADRANTS, Triage
+from qtuning_plugin.core.triage import NO_TARGET, QUADRANTS, Triage
 
 STATE_NAME = "qtuning_state.json"
 # Version 1 also held a copy of the logged metrics ("steps"), read now from the trainer's log history.
@@ -99,7 +99,7 @@ class QTuningHistory:
         for ppl, ent, quadrant, filled in zip(
             selection.ppl.tolist(), selection.ent.tolist(), selection.quadrant.tolist(), selection.filled.tolist()
         ):
-            if quadrant >= 0:  # not NO_TARGET
+            if quadrant != NO_TARGET:
                 self.points.append(EUPoint(ppl, ent, QUADRANTS[quadrant], filled, step))
         if not math.isnan(selection.triage.alpha):
             self.thresholds = {**triage_thresholds(selection.triage), "step": step}

@@ -139,6 +139,8 @@ class QTuningTrainerMixin:
         samples = self.qtuning_config.triage_batch_size(
             args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size
         )
+        if samples >= MIN_TRIAGE_BATCH:
+            return
         if self.qtuning_config.triage_scope == "step":
             formula = (
                 f"micro_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
@@ -149,12 +151,11 @@ class QTuningTrainerMixin:
                 f"micro_batch_size {args.per_device_train_batch_size} x world_size {args.world_size}; "
                 "`triage_scope: step` triages the whole optimizer step"
             )
-        if samples < MIN_TRIAGE_BATCH:
-            LOG.warning(
-                "qtuning: each triage sees %d samples (%s); with fewer than %d, sample_keep_ratio=%g "
-                "cannot be honoured (a triage keeps at least one sample)",
-                samples, formula, MIN_TRIAGE_BATCH, self.qtuning_config.sample_keep_ratio,
-            )
+        LOG.warning(
+            "qtuning: each triage sees %d samples (%s); with fewer than %d, sample_keep_ratio=%g "
+            "cannot be honoured (a triage keeps at least one sample)",
+            samples, formula, MIN_TRIAGE_BATCH, self.qtuning_config.sample_keep_ratio,
+        )
 
     # ------------------------------------------------------- step-scope triage
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:

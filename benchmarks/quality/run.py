@@ -361,7 +361,7 @@ def run_arm(name: str, seed: int, base_state: dict, dataset: SFTSet, steps: int,
 # ----------------------------------------------------------------------------- analysis
 def noise_analysis(records, dataset: SFTSet) -> dict:
     """Where the ground-truth types land on the EU plane during training, and P/R of the drops."""
-    from qtuning_plugin.core.triage import QUADRANTS
+    from qtuning_plugin.core.triage import NO_TARGET, QUADRANTS
 
     kinds = dataset.kinds
     counts = {t: defaultdict(int) for t in TYPES}
@@ -371,7 +371,10 @@ def noise_analysis(records, dataset: SFTSet) -> dict:
         for j, i in enumerate(rec["idx"].tolist()):
             kind = kinds[i]
             keep, q2 = bool(rec["keep"][j]), bool(rec["q2"][j])
-            counts[kind][QUADRANTS[int(rec["quadrant"][j])]] += 1
+            quadrant = int(rec["quadrant"][j])
+            if quadrant == NO_TARGET:  # no answer token: it took no part in the triage
+                continue
+            counts[kind][QUADRANTS[quadrant]] += 1
             counts[kind]["n"] += 1
             if not keep:
                 dropped += 1
