@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issues 14, 25): CUDA parity tests, step benchmark, QLoRA memory; one report.
 #
-#   scripts/gpu_check.sh [--smoke] [--out DIR] [--fresh] [--budget-s S] [--estimate STAGE=S] [parity] [step] [qlora] [all]
+#   scripts/gpu_check.sh [--smoke] [--out DIR] [--fresh] [--budget-s S] [--estimate STAGE=S] [STAGE ...]
 #
 # On the GPU machine, first installs the wheels in $QTUNING_WHEELS (default .whl/, made by
 # scripts/gpu_wheels.sh) into $QTUNING_WHEEL_SITE (default /tmp/site) and puts them and this
