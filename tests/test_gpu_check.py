@@ -32,11 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHON": sys.executable}
 
 
-def _gpu_check_module():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+def _module(name: str):
+    """``benchmarks/<name>.py``, imported afresh."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _gpu_check_module():
+    return _module("gpu_check")
 
 
 def _numbers(value):
@@ -99,8 +104,14 @@ def test_smoke_run_writes_a_complete_report(tmp_path):
         arms = summary["full_depth"][batch]
         assert set(arms) == {"full", "full_fused", "qtuning"}
         raw = {arm: summary["measured"][arm][depth]["by_batch"][batch] for arm in arms}
+        # The plain arm's loss upcasts the [B, T, V] logits to float32, a fresh mapping on CPU where it
+        # is at least glibc's mmap threshold that qlora_memory.py sets (128 KiB), so its step peak is at
+        # least that; the fused arms' peaks at toy shapes can round to 0.000 GiB.
+        logits_bytes = int(batch) * summary["seq"] * _module("qlora_memory").TINY["vocab_size"] * 4
+        if logits_bytes >= 131072:
+            assert raw["full"]["step_peak_bytes"] >= logits_bytes
         for arm, values in arms.items():
-            assert values["model_gib"] > 0 and values["step_peak_gib"] > 0 and values["how"] == "measured"
+            assert values["model_gib"] > 0 and raw[arm]["step_peak_bytes"] >= 0 and values["how"] == "measured"
             expected = raw[arm]["step_peak_bytes"] / raw["full"]["step_peak_bytes"]
             assert values["step_ratio_to_full"] == pytest.approx(expected, abs=5.1e-4)
         scoring = [phase for phase in raw["qtuning"]["phases"] if "kept_rows" in phase]
@@ -237,9 +248,7 @@ def test_a_stage_running_at_the_deadline_is_cut_off_with_what_it_started(tmp_pat
 
 def test_step_benchmark_keeps_the_measurements_it_finished(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as `python benchmarks/gpu_step.py` has it
-    spec = importlib.util.spec_from_file_location("gpu_step", ROOT / "benchmarks" / "gpu_step.py")
-    gpu_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_step)
+    gpu_step = _module("gpu_step")
 
     def killed(*args, **kwargs):
         raise RuntimeError("planted: the run ends before the statistics pass")
