@@ -43,7 +43,8 @@ bench: setup
 	.venv/bin/python benchmarks/step_cost.py
 
 # make gpu-check : on a CUDA machine, install the wheels in .whl/ (scripts/gpu_wheels.sh) and run
-# the GPU check, STAGES="parity step qlora" by default (benchmarks/gpu/README.md)
+# the GPU check, STAGES="parity step qlora" by default, within BUDGET_S seconds if set
+# (benchmarks/gpu/README.md)
 .PHONY: gpu-check
 gpu-check:
-	bash scripts/gpu_check.sh $(STAGES)
+	bash scripts/gpu_check.sh $(if $(BUDGET_S),--budget-s $(BUDGET_S)) $(STAGES)

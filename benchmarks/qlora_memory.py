@@ -14,7 +14,9 @@ why (`nf4_problem`) and the model is loaded as bf16 LoRA instead (`adapter: lora
 quantisation, no `prepare_model_for_kbit_training`). `nf4` and `none` force either.
 
 Arms, each in a fresh process that loads the model once and runs one step per `--batch`
-(`--one-process`: all arms in one process, for a quick smoke run):
+(`--one-process`: all arms in one process, one load; on CUDA each step's peak is still its own,
+since it is taken above what is allocated when the step starts, but on CPU the resident set
+keeps what earlier arms touched, so there it is only a quick smoke run):
   full        all samples and tokens, the model's own loss ([B, T, V] logits, upcast to
               fp32 by transformers): plain Axolotl QLoRA
   full_fused  all samples and tokens through our fused linear cross-entropy (no [B, T, V]
@@ -105,11 +107,14 @@ def current_bytes(cuda: bool) -> int:
     return _cpu_rss("VmRSS")
 
 
-def save_random_model(path: Path, layers: int, shape: dict) -> None:
-    """A checkpoint of `shape` with `layers` decoder layers and random bf16 weights.
+def save_random_model(path: Path, layers: int, shape: dict, device: str = "cpu") -> None:
+    """A checkpoint of `shape` with `layers` decoder layers and random bf16 weights, drawn on `device`.
 
     Written one shard per decoder layer, so that even 32 Llama-3-8B layers (15 GiB) never sit
     in memory at once. Initialised as transformers does: normal(0, 0.02) matrices, norms at one.
+    The draws are made on `device`: a CPU draws them on one thread (3.5 * 10^7 a second on this
+    project's 2-core machine), so Llama-3-8B's 8.0 * 10^9 take minutes there, and well under a
+    second on a GPU.
     """
     import torch
     from _common import build_llama
@@ -122,7 +127,7 @@ def save_random_model(path: Path, layers: int, shape: dict) -> None:
     for name in shapes:
         layer = re.match(r"model\.layers\.(\d+)\.", name)
         shards.setdefault(f"layer-{int(layer.group(1)):02d}" if layer else "head", []).append(name)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device).manual_seed(0)
     weight_map, total = {}, 0
     for shard, names in shards.items():
         tensors = {}
@@ -130,7 +135,8 @@ def save_random_model(path: Path, layers: int, shape: dict) -> None:
             if name.endswith("norm.weight"):
                 tensors[name] = torch.ones(shapes[name], dtype=torch.bfloat16)
             else:
-                tensors[name] = (torch.randn(shapes[name], generator=generator) * 0.02).to(torch.bfloat16)
+                drawn = torch.randn(shapes[name], generator=generator, device=device) * 0.02
+                tensors[name] = drawn.to(torch.bfloat16).cpu()
             total += tensors[name].numel() * 2
         save_file(tensors, path / f"{shard}.safetensors", metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, f"{shard}.safetensors"))
@@ -155,17 +161,17 @@ def nf4_problem_here(device: str) -> str | None:
     return None
 
 
-def prepare_model(model_dir: str, layers: int, tiny: bool, probe_device: str | None = None) -> str | None:
-    """Write the random checkpoint, in a child process; with `probe_device`, the same child then runs
-    `nf4_problem_here` there, and this returns its answer (a native crash of bitsandbytes is one too)."""
-    command = [sys.executable, __file__, "--save", model_dir, "--layers", str(layers)] + (["--tiny"] if tiny else [])
-    if probe_device:
-        command += ["--probe-nf4", "--device", probe_device]
+def prepare_model(model_dir: str, layers: int, tiny: bool, device: str, probe: bool = False) -> str | None:
+    """Write the random checkpoint (drawn on `device`), in a child process; with `probe`, the same child
+    then runs `nf4_problem_here` on `device`, and this returns its answer (a native crash of bitsandbytes
+    is one too)."""
+    command = [sys.executable, __file__, "--save", model_dir, "--layers", str(layers), "--device", device]
+    command += (["--tiny"] if tiny else []) + (["--probe-nf4"] if probe else [])
     proc = subprocess.run(command, capture_output=True, text=True)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if not any("saved" in line for line in lines):
         raise RuntimeError(f"writing the model failed (status {proc.returncode}):\n{proc.stderr[-4000:]}")
-    if not probe_device:
+    if not probe:
         return None
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
@@ -398,7 +404,7 @@ def main() -> None:
                         help="nf4: QLoRA; none: bf16 LoRA; auto: nf4 if bitsandbytes runs here, else none")
     parser.add_argument("--json", metavar="PATH", help="also write the summary to this file")
     parser.add_argument("--one-process", action="store_true",
-                        help="all arms of a depth in one process, one model load (a smoke run: faster, "
+                        help="all arms of a depth in one process, one model load (on CPU a smoke run: faster, "
                              "but each arm's memory is then no longer measured on its own)")
     parser.add_argument("--child", nargs=2, metavar=("ARMS", "MODEL_DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--save", metavar="MODEL_DIR", help=argparse.SUPPRESS)
@@ -407,7 +413,7 @@ def main() -> None:
     shape, depth = (TINY, TINY_DEPTH) if args.tiny else (LLAMA3_8B, FULL_DEPTH)
     batches = sorted(set(args.batch))
     if args.save:
-        save_random_model(Path(args.save), args.layers[0], shape)
+        save_random_model(Path(args.save), args.layers[0], shape, args.device)
         print(json.dumps({"saved": args.save}), flush=True)
         if args.probe_nf4:
             print(json.dumps({"problem": nf4_problem_here(args.device)}))
@@ -429,12 +435,12 @@ def main() -> None:
     for layers, arms in sorted(plan.items()):
         with tempfile.TemporaryDirectory() as model_dir:
             if quantization == "auto":  # checked once, by the child that writes the first checkpoint
-                problem = prepare_model(model_dir, layers, args.tiny, probe_device=args.device)
+                problem = prepare_model(model_dir, layers, args.tiny, args.device, probe=True)
                 quantization = "none" if problem else "nf4"
                 print("QLoRA: NF4 + double quantisation" if quantization == "nf4"
                       else f"bf16 LoRA instead of QLoRA: {problem}", flush=True)
             else:
-                prepare_model(model_dir, layers, args.tiny)
+                prepare_model(model_dir, layers, args.tiny, args.device)
             for group in [arms] if args.one_process else [[arm] for arm in arms]:
                 child = ["--child", ",".join(group), model_dir, "--device", args.device, "--seq", str(args.seq),
                          "--quantization", quantization, "--batch", *map(str, batches)]

@@ -2,13 +2,15 @@
 # Download the wheels that the GPU check (scripts/gpu_check.sh) installs on the lent GPU machine
 # into .whl/ (or $QTUNING_WHEELS), and keep that folder out of git (.git/info/exclude).
 #
-# That machine runs Python 3.12 on manylinux x86_64 with torch 2.11, transformers 5.17, peft,
-# accelerate, triton 3.6, numpy, packaging, pytest and PyYAML installed, and reaches no network.
-# It lacks, so these travel (exact versions; each one's Requires-Dist is checked below):
-#   liger-kernel 0.8.5, bitsandbytes 0.50.2 (needs torch, numpy, packaging: there);
-#   pydantic 2.12.5 with pydantic-core, annotated-types, typing-inspection (the versions the
-#   test venv has), for qtuning_plugin.config, and typing-extensions: pydantic-core wants
-#   >= 4.14.1, newer than the machine may have.
+# That machine (benchmarks/gpu/README.md) runs Python 3.12.3 on manylinux x86_64 with torch 2.11.0,
+# transformers 5.17.0, peft, accelerate, triton 3.6.0, numpy 2.5.2, packaging, pytest, PyYAML and
+# safetensors installed, and reaches no network. It lacks, so these travel (exact versions):
+#   liger-kernel 0.8.5 (needs torch >= 2.1.2, triton >= 2.3.1: there), bitsandbytes 0.50.2 (needs
+#   torch >= 2.4, < 3, numpy >= 1.17, packaging >= 20.9: there); pydantic 2.12.5 with pydantic-core,
+#   annotated-types, typing-inspection (the versions the test venv has), for qtuning_plugin.config,
+#   and typing-extensions: pydantic-core wants >= 4.14.1, newer than the machine may have.
+# The check below reads every wheel's Requires-Python and Requires-Dist, evaluates their markers
+# for that Python, and checks each requirement against the carried version or the machine's.
 # Not carried: axolotl (the check does not use it) and liger-kernel's cutedsl extra (its
 # nvidia-cutlass-dsl-libs-cu13 wheel alone is 92 MB; one device call carries 64 MiB in all).
 set -euo pipefail
@@ -25,7 +27,9 @@ PINS=(
   typing-inspection==0.4.5
   typing-extensions==4.15.0
 )
-ON_DEVICE="torch triton numpy packaging"  # what the carried wheels may need from the machine
+# What the carried wheels may need from the machine, with its version where known (KINDS.md of the device tool).
+ON_DEVICE="torch==2.11.0 triton==3.6.0 numpy==2.5.2 packaging"
+DEVICE_PYTHON=3.12.3
 LIMIT_MIB=60  # of the 64 MiB a call carries, with room for the repository itself (about 1 MiB)
 
 mkdir -p "$WHEELS"
@@ -45,13 +49,26 @@ esac
 
 # One wheel per pinned distribution and nothing else; every requirement carried or on the machine;
 # the folder under the limit.
-"$PYTHON" - "$WHEELS" "$LIMIT_MIB" "$ON_DEVICE" "${PINS[@]}" <<'EOF'
+"$PYTHON" - "$WHEELS" "$LIMIT_MIB" "$DEVICE_PYTHON" "$ON_DEVICE" "${PINS[@]}" <<'EOF'
 import re
 import sys
 import zipfile
 from pathlib import Path
 
-folder, limit_mib, on_device, pins = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3].split(), sys.argv[4:]
+try:
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+except ImportError:  # pip's own copy
+    from pip._vendor.packaging.markers import default_environment
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.specifiers import SpecifierSet
+
+folder, limit_mib, python = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+on_device, pins = sys.argv[4].split(), sys.argv[5:]
+device = {**default_environment(), "python_version": python.rsplit(".", 1)[0], "python_full_version": python,
+          "implementation_name": "cpython", "platform_python_implementation": "CPython", "sys_platform": "linux",
+          "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix", "extra": ""}
 
 
 def canonical(name):
@@ -67,18 +84,27 @@ for wheel in wheels:
 problems = [f"{name}: {len(found.get(name, []))} wheels, want one of {version}" for name, version in wanted.items()
             if [v for v, _ in found.get(name, [])] != [version]]
 problems += [f"{name}: not pinned here, remove {w.name}" for name in found if name not in wanted for _, w in found[name]]
-available = set(wanted) | {canonical(name) for name in on_device}
+# name -> version (None: on the machine, version unknown)
+available = {**{canonical(pin.split("==")[0]): (pin.split("==")[1] if "==" in pin else None) for pin in on_device},
+             **wanted}
 for name, entries in found.items():
     with zipfile.ZipFile(entries[0][1]) as archive:
         metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
-        requires = [line.split(":", 1)[1].strip() for line in archive.read(metadata).decode().splitlines()
-                    if line.startswith("Requires-Dist:")]
-    for requirement in requires:
-        if "extra ==" in requirement or 'python_version < "3' in requirement:
+        lines = archive.read(metadata).decode().splitlines()
+    requires_python = [line.split(":", 1)[1].strip() for line in lines if line.startswith("Requires-Python:")]
+    if requires_python and python not in SpecifierSet(requires_python[0]):
+        problems.append(f"{name} requires Python {requires_python[0]}, the machine has {python}")
+    for line in lines:
+        if not line.startswith("Requires-Dist:"):
             continue
-        needed = canonical(re.match(r"[A-Za-z0-9_.-]+", requirement).group())
+        requirement = Requirement(line.split(":", 1)[1].strip())
+        if requirement.marker is not None and not requirement.marker.evaluate(device):
+            continue  # an extra, or another Python or platform
+        needed = canonical(requirement.name)
         if needed not in available:
             problems.append(f"{name} requires {requirement}: neither carried nor on the machine")
+        elif available[needed] is not None and available[needed] not in requirement.specifier:
+            problems.append(f"{name} requires {requirement}: the machine would have {needed} {available[needed]}")
 total = sum(w.stat().st_size for w in wheels) / 2**20
 for wheel in wheels:
     print(f"{wheel.stat().st_size / 2**20:7.2f} MiB  {wheel.name}")

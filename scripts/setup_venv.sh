@@ -21,7 +21,8 @@ case "$PROFILE" in
     LINK=.venv-newest
     EXTRAS="hf,test"
     # The newest releases on 2026-12-06; a later build takes whatever is newest then.
-    PACKAGES="transformers>=5.25 trl>=1.16 peft>=0.21.2 accelerate datasets"
+    # bitsandbytes: the QLoRA path (Axolotl brings it in the other environments).
+    PACKAGES="transformers>=5.25 trl>=1.16 peft>=0.21.2 accelerate datasets bitsandbytes>=0.50"
     ;;
   *)
     echo "usage: $0 [axolotl|newest]" >&2
