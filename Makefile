@@ -3,9 +3,11 @@
 #                  without the `axolotl train` subprocess runs of integration_tests/
 # make test-latest : the same suite on the newest Axolotl (0.21.0, Python 3.13), in the Debian
 #                    trixie root of scripts/latest-env.sh (built and cached on first use; needs root)
+# make test-llamafactory : the LLaMA-Factory tests (llamafactory_tests/) on LLaMA-Factory 0.9.5, Python 3.11,
+#                         in the environment of scripts/llamafactory-env.sh (built and cached on first use)
 # make demo : set up .venv and train the tiny CPU example end to end with `axolotl train`
 # make mutation : plant the bugs of scripts/mutants.toml one at a time; every one must be caught
-.PHONY: setup test test-latest test-fast demo bench mutation
+.PHONY: setup test test-latest test-llamafactory test-fast demo bench mutation
 
 export HF_HUB_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
@@ -21,6 +23,9 @@ test: setup
 
 test-latest:
 	bash scripts/latest-env.sh run python -m pytest -q tests integration_tests
+
+test-llamafactory:
+	bash scripts/llamafactory-env.sh run python -m pytest -q llamafactory_tests
 
 test-fast: setup
 	.venv/bin/python -m pytest -q tests

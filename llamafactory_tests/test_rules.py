@@ -1,0 +1,95 @@
+"""The start-up refusals (`qtuning_plugin.llamafactory.rules`) on arguments parsed by LLaMA-Factory's
+own ``get_train_args``, in this process (no model loads: parsing only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from llamafactory.hparams import get_train_args
+
+from lf_run import example_config
+from qtuning_plugin import QTuningConfig
+from qtuning_plugin.llamafactory.launcher import pop_section, read_run_args
+from qtuning_plugin.llamafactory.rules import (
+    ARGUMENT_RULES,
+    LlamaFactoryArgs,
+    QTuningSettingsError,
+    check_arguments,
+    check_environment,
+)
+
+DEFAULTS = QTuningConfig()
+
+
+def parsed(tmp_path: Path, **settings) -> LlamaFactoryArgs:
+    """The example's arguments with ``settings``, as LLaMA-Factory parses and checks them."""
+    config = yaml.safe_load(example_config(tmp_path, tmp_path / "model", steps=2, **settings).read_text())
+    return LlamaFactoryArgs(*get_train_args(config))
+
+
+def refusals(args: LlamaFactoryArgs, qtuning: QTuningConfig = DEFAULTS) -> list[str]:
+    return [message for rule in ARGUMENT_RULES if (message := rule(args, qtuning))]
+
+
+def test_the_example_is_not_refused(tmp_path):
+    assert refusals(parsed(tmp_path)) == []
+    check_arguments(parsed(tmp_path), DEFAULTS)
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        ({"stage": "pt"}, "stage='pt'"),
+        ({"use_dft_loss": True}, "use_dft_loss"),
+        ({"use_eaft_loss": True}, "use_eaft_loss"),
+        ({"use_asft_loss": True}, "use_asft_loss"),
+        ({"moe_aux_loss_coef": 0.01}, "moe_aux_loss_coef"),
+        ({"use_hyper_parallel": True, "finetuning_type": "full"}, "use_hyper_parallel"),
+        ({"packing": True, "neat_packing": True}, "neat_packing"),
+    ],
+)
+def test_each_setting_is_refused_by_name(tmp_path, settings, named):
+    args = parsed(tmp_path, **settings)
+    messages = refusals(args)
+    assert len(messages) == 1 and messages[0].startswith(named), messages
+    with pytest.raises(QTuningSettingsError, match=named):
+        check_arguments(args, DEFAULTS)
+
+
+def test_loss_replacements_are_named_together(tmp_path):
+    messages = refusals(parsed(tmp_path, use_dft_loss=True, use_eaft_loss=True))
+    assert len(messages) == 1 and messages[0].startswith("use_dft_loss, use_eaft_loss:"), messages
+
+
+def test_packing_is_honoured_unless_two_pass_scores_micro_batches(tmp_path):
+    """LLaMA-Factory 0.9.5's `packing: true` rows restart position_ids at each sample (checked end to end in
+    test_train.py): each is triaged on its own. Only two-pass micro-batch scoring needs one sample per row."""
+    args = parsed(tmp_path, packing=True)
+    assert refusals(args) == []
+    assert refusals(args, QTuningConfig(triage_scope="micro_batch", scoring="auto")) == []
+    two_pass = QTuningConfig(triage_scope="micro_batch", scoring="two_pass")
+    messages = refusals(args, two_pass)
+    assert len(messages) == 1 and messages[0].startswith("qtuning.scoring=two_pass"), messages
+    assert refusals(parsed(tmp_path / "unpacked"), two_pass) == []
+
+
+@pytest.mark.parametrize("variable", ["USE_V1", "USE_RAY", "USE_MCA"])
+@pytest.mark.parametrize("value", ["1", "true", "y"])
+def test_environment_switches_are_refused_by_name(variable, value):
+    with pytest.raises(QTuningSettingsError, match=f"{variable}:"):
+        check_environment({variable: value})
+    check_environment({variable: "0"})
+    check_environment({})
+
+
+def test_the_shipped_example_passes_both_parsers_and_every_rule(tmp_path):
+    """``examples/llamafactory-qtuning.yaml``: its section validates, and LLaMA-Factory parses the
+    rest (here on CPU, so without ``bf16``) without a refusal."""
+    args = read_run_args([str(Path(__file__).resolve().parents[1] / "examples" / "llamafactory-qtuning.yaml")])
+    config = pop_section(args)
+    assert config is not None and config.enabled and config.sample_keep_ratio == 0.25
+    assert "qtuning" not in args
+    args.update(output_dir=str(tmp_path), bf16=False)
+    check_arguments(LlamaFactoryArgs(*get_train_args(args)), config)
