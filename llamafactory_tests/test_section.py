@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -55,3 +58,12 @@ def test_a_bad_section_names_the_key(section, message):
     assert message in str(error.value)
     if isinstance(section, dict) and len(section) == 2:  # every problem is named, one per line
         assert "qtuning.warmup_steps: Input should be greater than or equal to 0" in str(error.value)
+
+
+def test_the_adapter_imports_no_llamafactory_until_it_runs():
+    modules = [f"qtuning_plugin.llamafactory.{name}" for name in ("cli", "launcher", "rules")]
+    code = (
+        f"import importlib, sys; [importlib.import_module(m) for m in {modules}]; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'llamafactory'))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
