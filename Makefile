@@ -5,9 +5,11 @@
 #                    trixie root of scripts/latest-env.sh (built and cached on first use; needs root)
 # make test-newest : tests/ without Axolotl, on the newest transformers, TRL and peft releases
 #                    (.venv-newest, scripts/setup_venv.sh newest)
+# make test-llamafactory : the LLaMA-Factory tests (llamafactory_tests/) on LLaMA-Factory 0.9.5, Python 3.11,
+#                         in the environment of scripts/llamafactory-env.sh (built and cached on first use)
 # make demo : set up .venv and train the tiny CPU example end to end with `axolotl train`
 # make mutation : plant the bugs of scripts/mutants.toml one at a time; every one must be caught
-.PHONY: setup test test-latest test-newest test-fast demo bench mutation
+.PHONY: setup test test-latest test-newest test-llamafactory test-fast demo bench mutation
 
 export HF_HUB_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
@@ -27,6 +29,9 @@ test-latest:
 test-newest:
 	bash scripts/setup_venv.sh newest
 	.venv-newest/bin/python -m pytest -q -m "not axolotl" tests
+
+test-llamafactory:
+	bash scripts/llamafactory-env.sh run python -m pytest -q llamafactory_tests
 
 test-fast: setup
 	.venv/bin/python -m pytest -q tests

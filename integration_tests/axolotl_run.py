@@ -108,7 +108,8 @@ def run_axolotl_train(
     # `axolotl train` execs `accelerate launch ...`, found on PATH: use the one next to this interpreter
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     # the probe plugin (qtuning_probe.ProbePlugin) lives next to this file
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    # This folder (the probe plugin) and tests/ (reference.py, which the probe records for)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), str(HERE.parent / "tests"), env.get("PYTHONPATH")]))
     cfg = yaml.safe_load(config.read_text(encoding="utf-8"))
     start = time.monotonic()
     proc = subprocess.run(

@@ -53,25 +53,6 @@ class ProbePlugin(BasePlugin):
         self.record: dict[str, Any] = {}
         self.lora_before: dict[str, torch.Tensor] = {}
 
-    @staticmethod
-    def _record_selection(selections: list, event) -> None:
-        """One triage, through the engine's public listeners (what ``qtuning_on_selection`` adds)."""
-        selection = event.selection
-        if selection is None:  # warm-up
-            return
-        trainable = torch.cat([b.per_sample(b.mask, False).sum(dim=1) for b in event.micro_batches])
-        selections.append(
-            {
-                "ppl": selection.ppl.tolist(),
-                "ent": selection.ent.tolist(),
-                "trainable": trainable.tolist(),
-                "kept_tokens": selection.token_mask.sum(dim=1).tolist(),
-                "keep": selection.sample_mask.tolist(),
-                "q2": selection.q2.tolist(),
-                "stats": event.stats,
-            }
-        )
-
     def _write(self, cfg) -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)
         name = PROBE_FILE
@@ -110,8 +91,10 @@ class ProbePlugin(BasePlugin):
         self.record["trainer_cls"] = f"{type(trainer).__module__}.{type(trainer).__name__}"
         engine = getattr(trainer, "qtuning_engine", None)
         if engine is not None:
+            from reference import selection_record  # tests/, on PYTHONPATH (axolotl_run.py)
+
             selections = self.record.setdefault("selections", [])
-            engine.listeners.append(lambda event: self._record_selection(selections, event))
+            engine.listeners.append(lambda event: event.selection is None or selections.append(selection_record(event)))
         batch = next(iter(trainer.get_train_dataloader()))
         info: dict[str, Any] = {
             "keys": sorted(batch.keys()),

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import axolotl
 import pytest
-import torch
 from packaging.version import Version
 from safetensors.torch import load_file
 
 from axolotl_run import Run, run_axolotl_train, tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference import reference_triage  # noqa: E402  (SPEC section 4, shared with the unit tests)
+from reference import check_selection_records  # noqa: E402  (SPEC sections 4-5, shared with the unit tests)
 
 pytestmark = pytest.mark.integration
 
@@ -162,23 +161,7 @@ def check_records_match_spec(
     selections: list[dict], sample_keep: float = SAMPLE_KEEP, token_keep: float = TOKEN_KEEP
 ) -> None:
     """Each `qtuning_probe` selection record is SPEC's triage and token budget of its (PPL, Ent)."""
-    for step, record in enumerate(selections, start=1):
-        trainable = torch.tensor(record["trainable"])
-        valid = trainable > 0
-        ppl = torch.tensor(record["ppl"], dtype=torch.float64)[valid]
-        ent = torch.tensor(record["ent"], dtype=torch.float64)[valid]
-        reference = reference_triage(ppl.tolist(), ent.tolist(), sample_keep)
-        assert torch.tensor(record["keep"])[valid].tolist() == reference.keep, f"step {step}"
-        assert torch.tensor(record["q2"])[valid].tolist() == reference.q2, f"step {step}"
-        kept_tokens = torch.tensor(record["kept_tokens"])
-        for i, length in enumerate(record["trainable"]):
-            if not record["keep"][i]:
-                expected = 0
-            elif record["q2"][i]:
-                expected = max(1, math.floor(token_keep * length))
-            else:
-                expected = length
-            assert int(kept_tokens[i]) == expected, (step, i, length, record["q2"][i])
+    check_selection_records(selections, sample_keep, token_keep)
 
 
 def test_qtuning_selection_matches_spec(qtuning_run):

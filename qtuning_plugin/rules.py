@@ -24,11 +24,15 @@ def refusals(rules: Sequence[Rule], settings: Any) -> list[str]:
     return [message for rule in rules if (message := rule(settings))]
 
 
+class QTuningSettingsError(ValueError):
+    """Settings that stop a run before the model loads (a `ValueError`, so that pydantic validators report it)."""
+
+
 def refuse(rules: Sequence[Rule], settings: Any) -> None:
-    """Raise `ValueError` naming every setting that one of ``rules`` refuses."""
+    """Raise `QTuningSettingsError` naming every setting that one of ``rules`` refuses."""
     messages = refusals(rules, settings)
     if messages:
-        raise ValueError("qtuning: settings Q-Tuning cannot honour:\n  - " + "\n  - ".join(messages))
+        raise QTuningSettingsError("qtuning: settings Q-Tuning cannot honour:\n  - " + "\n  - ".join(messages))
 
 
 # ------------------------------------------------------------ shared statements

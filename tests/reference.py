@@ -4,7 +4,8 @@ Plain Python floats and lists, one sample at a time, in the order the SPEC state
 the one primitive borrowed is the quantile, which the SPEC defines as torch's (linear
 interpolation, ``torch.quantile``'s default). The tests (`tests/test_triage.py`, the end-to-end
 `integration_tests/test_axolotl_train.py`) and the quality benchmark's fidelity check
-(`benchmarks/quality/run.py`) compare the package against it.
+(`benchmarks/quality/run.py`) compare the package against it; `check_selection_records` checks the
+selections that the end-to-end runs record (Axolotl and LLaMA-Factory).
 """
 
 from __future__ import annotations
@@ -130,3 +131,44 @@ def reference_select(nll, ent, mask, r_sample, r_token, lam=0.5, prune_highest=T
             elif keep[b]:
                 tokens[b] = list(mask[b])
     return torch.tensor(keep), torch.tensor(q2), torch.tensor(tokens, dtype=torch.bool).view(len(mask), -1)
+
+
+def selection_record(event) -> dict:
+    """What an end-to-end probe records of one triage (a `qtuning_plugin.SelectionEvent`, from the
+    trainer's engine listeners) for `check_selection_records`: per sample of this rank, its PPL,
+    Ent, trainable-token count L, kept-token count and kept/Q2 flags; and the triage's statistics."""
+    selection = event.selection
+    trainable = torch.cat([batch.per_sample(batch.mask, False).sum(dim=1) for batch in event.micro_batches])
+    return {
+        "ppl": selection.ppl.tolist(),
+        "ent": selection.ent.tolist(),
+        "trainable": trainable.tolist(),
+        "kept_tokens": selection.token_mask.sum(dim=1).tolist(),
+        "keep": selection.sample_mask.tolist(),
+        "q2": selection.q2.tolist(),
+        "stats": event.stats,
+    }
+
+
+def check_selection_records(records: Sequence[dict], sample_keep: float, token_keep: float) -> None:
+    """Each recorded selection is SPEC's triage and token budget of its samples' (PPL, Ent).
+
+    A record (as the end-to-end probes write them, one per `select` call) lists per sample:
+    ``ppl``, ``ent``, ``trainable`` (its trainable-token count L), ``kept_tokens``, ``keep``
+    and ``q2``. Samples without a trainable token take no part in the triage.
+    """
+    for step, record in enumerate(records, start=1):
+        valid = [length > 0 for length in record["trainable"]]
+        ppl = [p for p, v in zip(record["ppl"], valid) if v]
+        ent = [e for e, v in zip(record["ent"], valid) if v]
+        reference = reference_triage(ppl, ent, sample_keep)
+        assert [k for k, v in zip(record["keep"], valid) if v] == reference.keep, f"step {step}"
+        assert [q for q, v in zip(record["q2"], valid) if v] == reference.q2, f"step {step}"
+        for i, length in enumerate(record["trainable"]):
+            if not record["keep"][i]:
+                expected = 0
+            elif record["q2"][i]:
+                expected = max(1, math.floor(token_keep * length))
+            else:
+                expected = length
+            assert int(record["kept_tokens"][i]) == expected, (step, i, length, record["q2"][i])
