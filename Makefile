@@ -3,9 +3,11 @@
 #                  without the `axolotl train` subprocess runs of integration_tests/
 # make test-latest : the same suite on the newest Axolotl (0.21.0, Python 3.13), in the Debian
 #                    trixie root of scripts/latest-env.sh (built and cached on first use; needs root)
+# make test-newest : tests/ without Axolotl, on the newest transformers, TRL and peft releases
+#                    (.venv-newest, scripts/setup_venv.sh newest)
 # make demo : set up .venv and train the tiny CPU example end to end with `axolotl train`
 # make mutation : plant the bugs of scripts/mutants.toml one at a time; every one must be caught
-.PHONY: setup test test-latest test-fast demo bench mutation
+.PHONY: setup test test-latest test-newest test-fast demo bench mutation
 
 export HF_HUB_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
@@ -22,6 +24,10 @@ test: setup
 
 test-latest:
 	bash scripts/latest-env.sh run python -m pytest -q tests integration_tests
+
+test-newest:
+	bash scripts/setup_venv.sh newest
+	.venv-newest/bin/python -m pytest -q -m "not axolotl" tests
 
 test-fast: setup
 	.venv/bin/python -m pytest -q tests

@@ -8,7 +8,7 @@ layer, measured in one process on one GPU:
                    Liger's LigerFusedLinearCrossEntropyFunction, mean loss over every trainable token
                    (what Axolotl's liger plugin computes in lce_forward)
   full/torch       the same with our chunked torch op
-  SxT/liger        Q-Tuning, `QTuningTrainerMixin.qtuning_loss`, backend liger, keep ratios S x T
+  SxT/liger        Q-Tuning, the engine's micro-batch loss (what the trainer's loss runs), backend liger, keep ratios S x T
   SxT/torch        the same with backend torch
 
 at the paper's budgets 0.25 x 0.5, 0.125 x 0.5 and 0.5 x 0.7. Step time is the median of
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from _common import build_llama, qtuning_trainer, sft_batch
+from _common import build_llama, sft_batch
 
 BUDGETS = {"0.25x0.5": (0.25, 0.5), "0.125x0.5": (0.125, 0.5), "0.5x0.7": (0.5, 0.7)}
 # Llama-3's vocabulary; hidden 1536 and 16 layers give 0.86B parameters (0.39B of them embedding and head).
@@ -101,21 +101,23 @@ def full_step_fn(model, inputs: dict, backend):
 
 
 @contextlib.contextmanager
-def qtuning_step_fn(model, inputs: dict, backend, ratios: tuple[float, float], device: torch.device):
-    """Q-Tuning's two-pass step through the real trainer loss (`QTuningTrainerMixin.qtuning_loss`),
-    for the duration of the ``with`` block."""
-    from qtuning_plugin import QTuningConfig
+def qtuning_step_fn(model, inputs: dict, backend, ratios: tuple[float, float]):
+    """Q-Tuning's two-pass step through the engine's micro-batch loss (what the trainer's
+    `compute_loss` runs on a micro-batch), for the duration of the ``with`` block."""
+    from qtuning_plugin import QTuningConfig, QTuningEngine
+    from qtuning_plugin.engine import MicroBatch
 
     config = QTuningConfig(sample_keep_ratio=ratios[0], token_keep_ratio=ratios[1], backend=backend.name)
-    with qtuning_trainer(model, config, device) as trainer:
-        trainer._qtuning_backend = backend  # already resolved (and, on CPU, liger under the interpreter)
+    # the backend already resolved (and, on CPU, liger under the interpreter)
+    engine = QTuningEngine(config, backend=backend, data_parallel=False)
+    batch = MicroBatch.prepare(inputs)
 
-        def step() -> torch.Tensor:
-            loss = trainer.qtuning_loss(model, inputs)
-            loss.backward()
-            return loss
+    def step() -> torch.Tensor:
+        loss = engine.micro_batch_loss(model, batch, step=1)
+        loss.backward()
+        return loss
 
-        yield step
+    yield step
 
 
 def timed(fn, device: torch.device, warmup: int, repeats: int):
@@ -195,7 +197,7 @@ def run(shape: dict, stats_shape: dict, device: torch.device, dtype: torch.dtype
         print(f"backend {backend.description}")
         results[f"full/{backend_name}"] = measure(full_step_fn(model, inputs, backend), model, device, warmup, repeats)
         for budget, ratios in BUDGETS.items():
-            with qtuning_step_fn(model, inputs, backend, ratios, device) as step:
+            with qtuning_step_fn(model, inputs, backend, ratios) as step:
                 results[f"{budget}/{backend_name}"] = measure(step, model, device, warmup, repeats)
     del model, inputs
     if device.type == "cuda":

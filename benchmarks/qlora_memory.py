@@ -243,11 +243,13 @@ def run_step(arm: str, model, inputs: dict, device: str) -> dict:
     import torch
     from _common import qtuning_trainer
 
-    import qtuning_plugin.trainer as qtuning_trainer_module
+    import qtuning_plugin.engine.engine as engine_module
     from qtuning_plugin import QTuningConfig
 
     cuda = device == "cuda"
     scratch = contextlib.ExitStack()
+    phases: list[dict] = []
+    events = []  # the engine's selection events: what the scoring pass kept
     if arm == "full":
         def loss():
             return model(**inputs).loss
@@ -257,25 +259,21 @@ def run_step(arm: str, model, inputs: dict, device: str) -> dict:
         else:
             config = QTuningConfig(sample_keep_ratio=SAMPLE_KEEP, token_keep_ratio=TOKEN_KEEP)
         trainer = scratch.enter_context(qtuning_trainer(model, config, device))
+        trainer.qtuning_engine.listeners.append(events.append)
 
         def loss():
             return trainer.compute_loss(model, inputs)
 
-    phases: list[dict] = []
-    head_forward = qtuning_trainer_module.head_forward
+    head_forward = engine_module.head_forward
 
     def measured_head_forward(model, inputs, fn):
         if phases:  # close the previous phase's window
             phases[-1]["peak_bytes"] = meter.peak()
             meter.reset()
         phases.append({"rows": int(inputs["input_ids"].shape[0]), "grad": torch.is_grad_enabled()})
-        result = head_forward(model, inputs, fn)
-        if not torch.is_grad_enabled():  # the scoring pass returns (sample_mask, token_mask)
-            phases[-1]["kept_rows"] = int(result[0].sum())
-            phases[-1]["kept_tokens"] = int(result[1].sum())
-        return result
+        return head_forward(model, inputs, fn)
 
-    qtuning_trainer_module.head_forward = measured_head_forward
+    engine_module.head_forward = measured_head_forward
     with scratch:  # removes the trainer's output folder
         try:
             meter = PeakMeter(cuda)
@@ -285,9 +283,13 @@ def run_step(arm: str, model, inputs: dict, device: str) -> dict:
             peak = meter.peak()
             seconds = time.perf_counter() - start
         finally:
-            qtuning_trainer_module.head_forward = head_forward
+            engine_module.head_forward = head_forward
     if phases:
         phases[-1]["peak_bytes"] = peak
+    for phase in phases:
+        if not phase["grad"] and events and events[-1].selection is not None:  # the scoring pass
+            phase["kept_rows"] = int(events[-1].selection.sample_mask.sum())
+            phase["kept_tokens"] = events[-1].kept_tokens
     step_peak = max([peak] + [phase["peak_bytes"] for phase in phases])
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None]
     assert lora_grads and any(float(g.abs().max()) > 0 for g in lora_grads), "no LoRA gradient"

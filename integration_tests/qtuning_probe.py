@@ -13,10 +13,11 @@ The integration tests add ``qtuning_probe.ProbePlugin`` to a config's
   non-zero B changed);
 * ``batch``: the keys, shapes and one right-padded row of the first collated
   training batch (position_ids included), for the report;
-* ``selections``: one entry per call of `qtuning_plugin.core.select` during
-  training (one per micro-batch): every sample's PPL, Ent, trainable-token
+* ``selections``: one entry per triage during training (the trainer's
+  `QTuningEngine` listeners: one per optimizer step, or per micro-batch under
+  ``triage_scope: micro_batch``): every sample's PPL, Ent, trainable-token
   count L, kept-token count and Q2/kept flags, so that a test can redo the
-  SPEC's triage and token budget independently.
+  algorithm's triage and token budget independently.
 
 In a multi-process run each rank writes ``qtuning_probe.rank<RANK>.json``.
 
@@ -52,30 +53,24 @@ class ProbePlugin(BasePlugin):
         self.record: dict[str, Any] = {}
         self.lora_before: dict[str, torch.Tensor] = {}
 
-    def register(self, cfg) -> None:
-        import qtuning_plugin.trainer as qtuning_trainer
-
-        original = qtuning_trainer.select
-        selections = self.record.setdefault("selections", [])
-
-        def recording_select(nll, entropy, mask, config, **kwargs):
-            selection = original(nll, entropy, mask, config, **kwargs)
-            selections.append(
-                {
-                    "ppl": selection.ppl.tolist(),
-                    "ent": selection.ent.tolist(),
-                    "trainable": mask.sum(dim=1).tolist(),
-                    "kept_tokens": selection.token_mask.sum(dim=1).tolist(),
-                    "keep": selection.sample_mask.tolist(),
-                    "q2": selection.q2.tolist(),
-                    "stats": selection.stats,
-                }
-            )
-            return selection
-
-        if not getattr(original, "_qtuning_probe", False):
-            recording_select._qtuning_probe = True
-            qtuning_trainer.select = recording_select
+    @staticmethod
+    def _record_selection(selections: list, event) -> None:
+        """One triage, through the engine's public listeners (what ``qtuning_on_selection`` adds)."""
+        selection = event.selection
+        if selection is None:  # warm-up
+            return
+        trainable = torch.cat([b.per_sample(b.mask, False).sum(dim=1) for b in event.micro_batches])
+        selections.append(
+            {
+                "ppl": selection.ppl.tolist(),
+                "ent": selection.ent.tolist(),
+                "trainable": trainable.tolist(),
+                "kept_tokens": selection.token_mask.sum(dim=1).tolist(),
+                "keep": selection.sample_mask.tolist(),
+                "q2": selection.q2.tolist(),
+                "stats": event.stats,
+            }
+        )
 
     def _write(self, cfg) -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -113,6 +108,10 @@ class ProbePlugin(BasePlugin):
 
     def post_trainer_create(self, cfg, trainer) -> None:
         self.record["trainer_cls"] = f"{type(trainer).__module__}.{type(trainer).__name__}"
+        engine = getattr(trainer, "qtuning_engine", None)
+        if engine is not None:
+            selections = self.record.setdefault("selections", [])
+            engine.listeners.append(lambda event: self._record_selection(selections, event))
         batch = next(iter(trainer.get_train_dataloader()))
         info: dict[str, Any] = {
             "keys": sorted(batch.keys()),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from axolotl_run import run_axolotl_train, tiny_config
 from test_axolotl_train import PROBE, check_finished, check_records_match_spec

@@ -1,8 +1,8 @@
 """Where a dataset's samples fall on the EU plane, before training (framework-free part of
 `axolotl qtuning analyze`; the Axolotl loading is `qtuning_plugin.axolotl.analyze`).
 
-`score_dataset` scores every row of a tokenised dataset without gradient (fused statistics
-on the final hidden states, as the trainer does); `analyze_scores` triages the scores at the
+`score_dataset` scores every row of a tokenised dataset without gradient (the engine's
+scoring forward, as in training); `analyze_scores` triages the scores at the
 configured ratios in two ways:
 
 * **whole set**: the scored samples as one mini-batch: where each sample stands in the
@@ -30,6 +30,7 @@ from qtuning_plugin.config import QTuningConfig
 from qtuning_plugin.core import sample_stats
 from qtuning_plugin.core.select import triage_with_config
 from qtuning_plugin.core.triage import NO_TARGET, QUADRANTS, Triage
+from qtuning_plugin.engine import MicroBatch, QTuningEngine
 from qtuning_plugin.history import EUPoint, triage_thresholds
 
 ROWS = (*QUADRANTS, "")
@@ -130,49 +131,38 @@ def _pad(rows: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-@torch.no_grad()
 def score_dataset(
     model: torch.nn.Module,
     dataset: Any,
+    config: QTuningConfig,
     *,
     batch_size: int,
     pad_token_id: int,
-    backend: str = "auto",
-    chunk_size: Optional[int] = None,
     progress: bool = True,
 ) -> Scores:
     """PPL, Ent and trainable-token count of every row of a tokenised dataset.
 
-    The statistics are those of the trainer's scoring pass: final hidden
-    states through the fused LM-head op (`token_stats`), averaged over the
-    trainable positions (``labels != -100`` after the shift).
+    The statistics are those of training's scoring forward (`QTuningEngine.score`, with the
+    config's backend and chunk size), averaged over the trainable positions (``labels != -100``
+    after the shift).
     """
     from tqdm.auto import tqdm
 
-    from qtuning_plugin.modeling import final_hidden_states, lm_head_parameters, shifted_targets, unwrap_causal_lm
-    from qtuning_plugin.ops.backends import resolve_backend
-
     model.eval()
     device = next(model.parameters()).device
-    weight, bias = lm_head_parameters(unwrap_causal_lm(model))
-    ops = resolve_backend(backend, device)
+    engine = QTuningEngine(config, data_parallel=False)
     ppls: list[float] = []
     ents: list[float] = []
     tokens: list[int] = []
     starts = range(0, len(dataset), batch_size)
     for start in tqdm(starts, desc="qtuning: scoring", unit="batch", disable=not progress):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {key: value.to(device) for key, value in _pad(rows, pad_token_id).items()}
-        hidden = final_hidden_states(model, batch)
-        targets = shifted_targets(batch["labels"])
-        mask = targets != -100
-        nll, entropy = ops.token_stats(
-            hidden.flatten(0, 1), weight, targets.flatten(), bias=bias, chunk_size=chunk_size
-        )
-        ppl, ent = sample_stats(nll.view(targets.shape), entropy.view(targets.shape), mask)
+        batch = MicroBatch.prepare({key: value.to(device) for key, value in _pad(rows, pad_token_id).items()})
+        nll, entropy = engine.score(model, batch)
+        ppl, ent = sample_stats(nll, entropy, batch.mask)
         ppls += ppl.tolist()
         ents += ent.tolist()
-        tokens += mask.sum(dim=1).tolist()
+        tokens += batch.mask.sum(dim=1).tolist()
     return Scores(ppls, ents, tokens)
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class QTuningConfig(BaseModel):
-    """Settings of Q-Tuning (SPEC sections 4-7)."""
+    """Settings of Q-Tuning (docs/algorithm.md sections 4-7)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -64,7 +64,7 @@ class QTuningConfig(BaseModel):
         description=(
             "two_pass: gradient-free scoring forward, then forward/backward on the kept samples only. "
             "single_pass: one forward with gradient, pruning by loss masking (triage_scope micro_batch only). "
-            "auto: two_pass, except single_pass for packed rows with triage_scope micro_batch."
+            "auto: two_pass."
         ),
     )
     warmup_steps: int = Field(

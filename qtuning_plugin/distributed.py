@@ -1,4 +1,4 @@
-"""Data-parallel collectives of Q-Tuning: every rank sees the global mini-batch (SPEC section 4)."""
+"""Data-parallel collectives of Q-Tuning: every rank sees the global mini-batch (docs/algorithm.md section 4)."""
 
 from __future__ import annotations
 

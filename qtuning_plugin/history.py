@@ -24,9 +24,12 @@ import json
 import math
 import os
 from collections import defaultdict, deque
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 
 from qtuning_plugin.core.triage import NO_TARGET, QUADRANTS, Triage
+
+if TYPE_CHECKING:
+    from qtuning_plugin.engine import SelectionEvent
 
 STATE_NAME = "qtuning_state.json"
 # Version 1 also held a copy of the logged metrics ("steps"), read now from the trainer's log history.
@@ -103,6 +106,12 @@ class QTuningHistory:
                 self.points.append(EUPoint(ppl, ent, QUADRANTS[quadrant], filled, step))
         if not math.isnan(selection.triage.alpha):
             self.thresholds = {**triage_thresholds(selection.triage), "step": step}
+
+    def record_event(self, event: "SelectionEvent") -> None:
+        """One triage (`qtuning_plugin.engine.SelectionEvent`): its metrics, token counts and samples."""
+        self.record(event.stats, event.trainable_tokens, event.kept_tokens)
+        if event.selection is not None:
+            self.record_samples(event.selection, event.step)
 
     def flush(self) -> dict[str, float]:
         """The metrics of a logging step: the mean of each statistic since the last one, plus running totals."""

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from qtuning_plugin.rules import lora_on_lm_head
+
 # Inputs the model does not get: the labels (it must compute no loss), and the keywords we set.
 NOT_MODEL_INPUTS = ("labels", "shift_labels", "use_cache", "logits_to_keep")
 
@@ -42,10 +44,7 @@ def lm_head_parameters(causal_lm: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
     if head is None:
         raise ValueError(f"qtuning: {type(causal_lm).__name__} has no LM head (get_output_embeddings() is None)")
     if hasattr(head, "lora_A"):
-        raise ValueError(
-            "qtuning: LoRA on the LM head is not supported; train it with `lora_modules_to_save: [lm_head]` "
-            "or leave it out of `lora_target_modules`"
-        )
+        raise ValueError(f"qtuning: {lora_on_lm_head('the LM head', type(head).__name__)}")
     return head.weight, getattr(head, "bias", None)
 
 

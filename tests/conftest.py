@@ -117,3 +117,19 @@ class Rows(Dataset):
 @pytest.fixture
 def model():
     return tiny_llama()
+
+
+class Selections(list):
+    """Every `SelectionEvent` of a trainer from now on, through the engine's public listeners
+    (what ``qtuning_on_selection`` registers): ``events = Selections.of(trainer)``."""
+
+    @classmethod
+    def of(cls, trainer) -> "Selections":
+        events = cls()
+        trainer.qtuning_engine.listeners.append(events.append)
+        return events
+
+    @property
+    def last(self):
+        """The core `Selection` of the latest triage."""
+        return self[-1].selection

@@ -77,7 +77,7 @@ def train(case: str, out_dir: str, micro_batch: int, accumulation: int, order=No
 
     class Record(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            selection = getattr(trainer, "qtuning_last_selection", None)
+            selection = events[-1].selection if events else None
             seen["keep"].append(None if selection is None else selection.triage.keep.clone())
 
     args = TrainingArguments(
@@ -85,9 +85,11 @@ def train(case: str, out_dir: str, micro_batch: int, accumulation: int, order=No
         max_steps=STEPS, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
     )
+    events = []
     trainer = InOrderTrainer(
         model=model, args=args, train_dataset=Rows(data), callbacks=[Record()],
         qtuning_config=QTuningConfig(triage_scope="step", sample_keep_ratio=ratio, token_keep_ratio=0.5),
+        qtuning_on_selection=events.append,
     )
     trainer.train()
     seen["log"] = [entry for entry in trainer.state.log_history if "loss" in entry]

@@ -111,7 +111,10 @@ def _trainer(model, config: dict):
         save_strategy="no",
         per_device_train_batch_size=DDP_RANK_ROWS,
     )
-    return QTuningTrainer(model=model, args=args, qtuning_config=QTuningConfig(**config))
+    trainer = QTuningTrainer(model=model, args=args, qtuning_config=QTuningConfig(**config))
+    trainer.events = []
+    trainer.qtuning_engine.listeners.append(trainer.events.append)
+    return trainer
 
 
 def _step(trainer, wrapped, inner, inputs: dict) -> dict:
@@ -120,7 +123,7 @@ def _step(trainer, wrapped, inner, inputs: dict) -> dict:
     wrapped.zero_grad(set_to_none=True)
     loss = trainer.compute_loss(wrapped, inputs)
     loss.backward()
-    selection = trainer.qtuning_last_selection
+    selection = trainer.events[-1].selection
     grads = {}
     for name, param in inner.named_parameters():
         if param.requires_grad:
@@ -271,7 +274,6 @@ def run_trainer(engine: str, model_kind: str, scope: str) -> dict:
     """`Trainer.train` with the Q-Tuning mixin; what each rank fetched and selected, and the parameters."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    import qtuning_plugin.trainer as trainer_module
     from qtuning_plugin import QTuningTrainerMixin
 
     class QTuningTrainer(QTuningTrainerMixin, Trainer):
@@ -312,14 +314,12 @@ def run_trainer(engine: str, model_kind: str, scope: str) -> dict:
         deepspeed=deepspeed_config(engine),
     )
     rows, parameters, selections, environ = FetchedRows(trainer_rows()), StepParameters(), [], dict(os.environ)
-    original_select = trainer_module.select
 
-    def recording_select(*select_args, **select_kwargs):
-        selection = original_select(*select_args, **select_kwargs)
+    def record(event):
+        selection = event.selection
         selections.append(
             {"sample_mask": selection.sample_mask, "token_mask": selection.token_mask, "global_keep": selection.triage.keep}
         )
-        return selection
 
     trainer = QTuningTrainer(
         model=trainer_model(model_kind),
@@ -327,12 +327,11 @@ def run_trainer(engine: str, model_kind: str, scope: str) -> dict:
         train_dataset=rows,
         callbacks=[parameters],
         qtuning_config=qtuning_settings(scope),
+        qtuning_on_selection=record,
     )
-    trainer_module.select = recording_select
     try:
         trainer.train()
     finally:
-        trainer_module.select = original_select
         # A DeepSpeed run leaves ACCELERATE_USE_DEEPSPEED=true behind, which would make the next
         # run's accelerator DeepSpeed too, and transformers' global DeepSpeed config (unset here).
         os.environ.clear()

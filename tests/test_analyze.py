@@ -1,14 +1,13 @@
-"""`axolotl qtuning analyze`: triage of scored samples, the table, and the one-line errors that
-need no model. The end-to-end run on the tiny example is `integration_tests/test_analyze.py`."""
+"""`qtuning_plugin.analyze`, the back-end of `axolotl qtuning analyze`: scoring, triage of scored
+samples, the table and the outputs. The command's own errors: tests/test_axolotl_cli.py; the
+end-to-end run on the tiny example: integration_tests/test_axolotl_analyze.py."""
 
 import math
 
 import pytest
-from click.testing import CliRunner
 
 from qtuning_plugin import QTuningConfig
 from qtuning_plugin.analyze import AnalysisError, Scores, analyze_scores, format_table, write_outputs
-from qtuning_plugin.axolotl.cli import qtuning
 
 
 def scores(n=16, seed=0):
@@ -61,7 +60,7 @@ def test_scores_are_the_full_logits_statistics_in_float64():
         rows.append({key: batch[key][b, :used].tolist() for key in ("input_ids", "labels")})
     rows[4]["labels"] = [-100] * len(rows[4]["labels"])  # no trainable token
     model = tiny_llama()
-    scores = score_dataset(model, rows, batch_size=3, pad_token_id=0, backend="torch", progress=False)
+    scores = score_dataset(model, rows, QTuningConfig(backend="torch"), batch_size=3, pad_token_id=0, progress=False)
 
     model.eval()
     for row, ppl, ent, tokens in zip(rows, scores.ppl, scores.ent, scores.tokens):
@@ -124,36 +123,3 @@ def test_no_trainable_token_at_all_is_an_error():
     empty = Scores([float("nan")] * 4, [float("nan")] * 4, [0] * 4)
     with pytest.raises(AnalysisError, match="no sample of the dataset has a trainable token"):
         analyze_scores(empty, QTuningConfig(), mini_batch=2)
-
-
-def _one_line_error(result, code):
-    assert result.exit_code == code, result.output
-    lines = result.output.strip().splitlines()
-    return lines[-1]
-
-
-def test_a_missing_config_file_is_a_usage_error(tmp_path):
-    result = CliRunner().invoke(qtuning, ["analyze", str(tmp_path / "nope.yml")])
-    assert "does not exist" in _one_line_error(result, 2)
-
-
-def test_a_config_without_a_qtuning_section_is_an_error(tmp_path):
-    config = tmp_path / "plain.yml"
-    config.write_text("base_model: some/model\nmicro_batch_size: 2\n")
-    result = CliRunner().invoke(qtuning, ["analyze", str(config)])
-    line = _one_line_error(result, 1)
-    assert line.startswith("Error: ") and "has no `qtuning:` section" in line
-
-
-def test_an_invalid_qtuning_section_is_an_error(tmp_path):
-    config = tmp_path / "bad.yml"
-    config.write_text("base_model: some/model\nqtuning:\n  sample_keep_ratio: 2.0\n")
-    line = _one_line_error(CliRunner().invoke(qtuning, ["analyze", str(config)]), 1)
-    assert line.startswith("Error: invalid `qtuning:` section") and "sample_keep_ratio" in line
-
-
-def test_max_samples_must_be_positive(tmp_path):
-    config = tmp_path / "c.yml"
-    config.write_text("qtuning: {}\n")
-    result = CliRunner().invoke(qtuning, ["analyze", str(config), "--max-samples", "0"])
-    assert result.exit_code == 2

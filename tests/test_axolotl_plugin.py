@@ -16,6 +16,8 @@ import yaml
 axolotl = pytest.importorskip("axolotl")
 from packaging.version import Version  # noqa: E402
 
+pytestmark = pytest.mark.axolotl
+
 REPO = Path(__file__).resolve().parents[1]
 # Of the tested releases (0.19, 0.21), 0.21 is the first that loads every `axolotl.plugins`
 # entry point on each run, and raises on a `plugins:` entry it cannot import.
@@ -223,16 +225,38 @@ def test_axolotl_validation_rejects_bad_values_naming_the_key(plugin_manager, se
     assert f"qtuning.{key}" in text and message in text, text
 
 
-def test_axolotl_validation_rejects_two_pass_with_packing_at_micro_batch_scope(plugin_manager):
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("use_eaft", True, "use_eaft: True: replaces the cross-entropy loss"),
+        ("rl", "dpo", "rl: 'dpo': Q-Tuning is for supervised fine-tuning only"),
+        ("orpo_alpha", 0.1, "orpo_alpha: 0.1: Q-Tuning is for supervised fine-tuning only"),
+        ("context_parallel_size", 2, "context_parallel_size: 2: context/sequence parallelism splits each sample"),
+        ("sequence_parallel_degree", 2, "sequence_parallel_degree: 2: context/sequence parallelism"),
+    ],
+)
+def test_settings_qtuning_cannot_honour_are_refused_at_validation_by_name(plugin_manager, key, value, message):
+    """Before the dataset and the model load (Axolotl validates the config first); the same
+    settings are accepted with `enabled: false`."""
     from axolotl.utils.config import validate_config
 
-    cfg = _tiny_cfg(scoring="two_pass", triage_scope="micro_batch")
-    cfg["sample_packing"] = True
-    with pytest.raises(Exception, match="qtuning.scoring"):
+    cfg = _tiny_cfg()
+    cfg[key] = value
+    with pytest.raises(Exception, match=message):
         validate_config(cfg)
-    cfg = _tiny_cfg(scoring="two_pass")  # step scope scores packed rows in a pass of its own
-    cfg["sample_packing"] = True
-    assert validate_config(cfg).qtuning["triage_scope"] == "step"
+    from qtuning_plugin.axolotl.args import QTuningArgs
+
+    off = _tiny_cfg(enabled=False)
+    assert QTuningArgs.check_compatible({**off, key: value})[key] == value
+
+
+def test_packed_rows_with_two_pass_scoring_validate_in_both_scopes(plugin_manager):
+    from axolotl.utils.config import validate_config
+
+    for scope in ("step", "micro_batch"):
+        cfg = _tiny_cfg(scoring="two_pass", triage_scope=scope)
+        cfg["sample_packing"] = True
+        assert validate_config(cfg).qtuning["triage_scope"] == scope
 
 
 def test_an_empty_qtuning_section_turns_qtuning_on_with_the_defaults(plugin_manager):
@@ -269,7 +293,7 @@ def test_lora_on_the_lm_head_is_refused_at_validation(plugin_manager, key, value
 
     cfg = _tiny_cfg()
     cfg[key] = value
-    with pytest.raises(Exception, match=rf"LoRA on the LM head is not supported \({key}"):
+    with pytest.raises(Exception, match=rf"{key}: .*: LoRA on the LM head is not supported"):
         validate_config(cfg)
 
 
@@ -282,22 +306,12 @@ def test_lora_elsewhere_with_the_lm_head_trained_whole_is_accepted(plugin_manage
     assert validate_config(cfg).lora_modules_to_save == ["lm_head"]
 
 
-def test_context_parallelism_is_refused_at_validation(plugin_manager):
-    from axolotl.utils.config import validate_config
-
-    cfg = _tiny_cfg()
-    cfg["context_parallel_size"] = 2
-    with pytest.raises(Exception, match="qtuning: context_parallel_size: 2"):
-        validate_config(cfg)
-
-
 @pytest.mark.parametrize("scoring", ["step", "two_pass"])
 def test_axolotls_own_compute_loss_work_is_kept(tmp_path, scoring):
     """`AxolotlTrainer.compute_loss` counts the tokens behind `tokens/train_per_sec_per_gpu` and
     fixes up model inputs (for Gemma 4 it adds zero `mm_token_type_ids`): under Q-Tuning both
     still happen, in every forward of the step, in both triage scopes. The tiny Llama's config
     says gemma4 to take that branch; one training step through `Trainer.train()`."""
-    import torch
     from axolotl.core.training_args import AxolotlTrainingArguments
     from datasets import Dataset
 

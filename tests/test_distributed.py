@@ -16,7 +16,7 @@ import torch
 from qtuning_plugin import QTuningConfig, select
 from qtuning_plugin.modeling import final_hidden_states, lm_head_parameters, shifted_targets, unwrap_causal_lm
 from qtuning_plugin.ops.backends import TORCH
-from qtuning_plugin.trainer import kept_token_loss
+from qtuning_plugin.engine import kept_token_loss
 
 import dist_worker as worker
 from conftest import tiny_llama

@@ -138,7 +138,7 @@ def test_plot_callback_writes_every_n_steps_on_the_main_process_only(tmp_path, m
     from types import SimpleNamespace
 
     import qtuning_plugin.plots as plots
-    from qtuning_plugin.callbacks import QTuningPlotCallback
+    from qtuning_plugin.hf.callbacks import QTuningPlotCallback
 
     written = []
     monkeypatch.setattr(

@@ -200,7 +200,7 @@ def test_backends_have_the_protocol_signatures(backend):
 @PARENT_ONLY
 def test_importing_the_package_needs_neither_triton_nor_liger():
     code = (
-        "import sys, qtuning_plugin, qtuning_plugin.ops.backends, qtuning_plugin.ops.liger, qtuning_plugin.trainer\n"
+        "import sys, qtuning_plugin, qtuning_plugin.ops.backends, qtuning_plugin.ops.liger, qtuning_plugin.hf.trainer\n"
         "bad = [m for m in ('triton', 'liger_kernel') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -425,7 +425,8 @@ def test_parity_liger_scaled_ce_on_hopper(liger_ops):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_parity_trainer_loss_liger_vs_torch(device, liger_ops, tmp_path):
-    """`QTuningTrainerMixin.qtuning_loss` with the liger backend: same selection, loss and LoRA gradients."""
+    """The trainer's loss (`QTuningTrainerMixin.compute_loss` on a micro-batch) with the liger backend:
+    same selection, loss and LoRA gradients."""
     from transformers import Trainer, TrainingArguments
 
     from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
@@ -440,13 +441,14 @@ def test_parity_trainer_loss_liger_vs_torch(device, liger_ops, tmp_path):
     config = QTuningConfig(sample_keep_ratio=0.5, token_keep_ratio=0.5)
     results = {}
     for backend in (TORCH, backends.LigerBackend(device)):
-        trainer = QTuningTrainer(model=model, args=args, qtuning_config=config)
-        trainer._qtuning_backend = backend  # resolve_backend refuses liger on CPU: set it directly
+        events = []
+        trainer = QTuningTrainer(model=model, args=args, qtuning_config=config, qtuning_on_selection=events.append)
+        trainer.qtuning_engine.backend = backend  # resolve_backend refuses liger on CPU: set it directly
         model.zero_grad(set_to_none=True)
-        loss = trainer.qtuning_loss(model, inputs)
+        loss = trainer.compute_loss(model, inputs)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[backend.name] = (loss.detach(), trainer.qtuning_last_selection, grads)
+        results[backend.name] = (loss.detach(), events[-1].selection, grads)
     (loss_t, sel_t, grads_t), (loss_l, sel_l, grads_l) = results["torch"], results["liger"]
     assert torch.equal(sel_t.sample_mask, sel_l.sample_mask) and torch.equal(sel_t.token_mask, sel_l.token_mask)
     torch.testing.assert_close(loss_l, loss_t, atol=1e-5, rtol=1e-5)
@@ -557,7 +559,7 @@ def test_final_hidden_states_through_liger_lce_forward(tmp_path):
     for model in (plain, patched):
         model.train()
         model.zero_grad(set_to_none=True)
-        loss = QTuningTrainer(model=model, args=args, qtuning_config=config).qtuning_loss(model, inputs)
+        loss = QTuningTrainer(model=model, args=args, qtuning_config=config).compute_loss(model, inputs)
         loss.backward()
         losses.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     torch.testing.assert_close(losses[1][0], losses[0][0], atol=0, rtol=0)

@@ -25,33 +25,19 @@ CONFIG = {"sample_keep_ratio": 0.5, "token_keep_ratio": 0.5, "warmup_steps": 4}
 
 
 class RecordingTrainer(QTuningTrainerMixin, Trainer):
-    """Remembers every triage's sample and token masks, and the warm steps, by optimizer step (1-based)."""
+    """Remembers every triage's sample and token masks, and the warm steps, by optimizer step (1-based),
+    through the public ``qtuning_on_selection`` hook."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
         self.masks = {}
         self.warm_steps = []
+        super().__init__(*args, qtuning_on_selection=self.record, **kwargs)
 
-    def qtuning_loss(self, model, inputs):
-        if self.state.global_step < self.qtuning_config.warmup_steps:
-            self.warm_steps.append(self.state.global_step + 1)
-        return super().qtuning_loss(model, inputs)
-
-    def _select(self, *args, **kwargs):
-        sample_mask, token_mask = super()._select(*args, **kwargs)
-        self.masks[self.state.global_step + 1] = (sample_mask.clone(), token_mask.clone())
-        return sample_mask, token_mask
-
-    def _triage_step(self, micro_batches):
-        if self.state.global_step < self.qtuning_config.warmup_steps:
-            self.warm_steps.append(self.state.global_step + 1)
-        return super()._triage_step(micro_batches)
-
-    def _select_step(self, *args, **kwargs):
-        result = super()._select_step(*args, **kwargs)
-        selection = self.qtuning_last_selection
-        self.masks[self.state.global_step + 1] = (selection.sample_mask.clone(), selection.token_mask.clone())
-        return result
+    def record(self, event):
+        if event.selection is None:
+            self.warm_steps.append(event.step)
+        else:
+            self.masks[event.step] = (event.selection.sample_mask.clone(), event.selection.token_mask.clone())
 
 
 class StopAt(TrainerCallback):

@@ -14,9 +14,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from qtuning_plugin._logging import LOG
 from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
 from qtuning_plugin.modeling import unwrap_causal_lm
-from qtuning_plugin.step import plan_passes
+from qtuning_plugin.engine.passes import plan_passes
 
-from conftest import Rows, random_batch, tiny_llama
+from conftest import Rows, Selections, random_batch, tiny_llama
 
 
 class InOrderTrainer(QTuningTrainerMixin, Trainer):
@@ -31,7 +31,7 @@ class Recorder(TrainerCallback):
 
     def __init__(self, model):
         self.grads, self.selections, self.forwards_with_grad = [], [], []
-        self.trainer = None
+        self.events = Selections()
         decoder = unwrap_causal_lm(model).get_decoder()
         decoder.register_forward_hook(lambda _m, _a, out: self.forwards_with_grad.append(out[0].shape[0])
                                       if torch.is_grad_enabled() else None)
@@ -39,7 +39,7 @@ class Recorder(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()
                            if p.requires_grad and p.grad is not None})
-        self.selections.append(getattr(self.trainer, "qtuning_last_selection", None))
+        self.selections.append(self.events[-1].selection if self.events else None)
 
 
 def train(tmp_path, rows, micro_batch_size, accumulation, steps=1, learning_rate=0.0, **config):
@@ -60,9 +60,8 @@ def train(tmp_path, rows, micro_batch_size, accumulation, steps=1, learning_rate
     recorder = Recorder(model)
     trainer = InOrderTrainer(
         model=model, args=args, train_dataset=Rows(rows), callbacks=[recorder],
-        qtuning_config=QTuningConfig(triage_scope="step", **config),
+        qtuning_config=QTuningConfig(triage_scope="step", **config), qtuning_on_selection=recorder.events.append,
     )
-    recorder.trainer = trainer
     trainer.train()
     return trainer, recorder, model
 
@@ -156,17 +155,19 @@ def test_warm_start_trains_every_token_with_the_step_mean_loss(tmp_path):
         torch.testing.assert_close(recorder.grads[0][name], grad, atol=1e-6, rtol=1e-4)
 
 
-def test_a_small_triage_batch_is_warned_about_at_start(tmp_path, caplog):
-    model = tiny_llama()
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=4,
-                             report_to=[], use_cpu=True)
+def test_a_small_triage_is_warned_about_once_counting_packed_samples(tmp_path, caplog):
+    from test_trainer import _packed
+
     with caplog.at_level(logging.WARNING, logger=LOG.logger.name):
-        InOrderTrainer(model=model, args=args, qtuning_config=QTuningConfig())
-    assert "gradient_accumulation_steps" in caplog.text and "4 samples" in caplog.text
+        train(tmp_path / "rows", random_batch(batch=8, seed=37), 1, 4, steps=2)
+    assert caplog.text.count("cannot be honoured") == 1 and "a triage saw 4 samples" in caplog.text
     caplog.clear()
-    args.gradient_accumulation_steps = 8
+    # Two packed rows a step, 4 samples each: 8 samples per triage although each step has 2 rows.
+    packed_rows = _packed(random_batch(batch=8, length=16, seed=38), [[0, 1, 2, 3], [4, 5, 6, 7]],
+                          numbered_attention_mask=True)
     with caplog.at_level(logging.WARNING, logger=LOG.logger.name):
-        InOrderTrainer(model=model, args=args, qtuning_config=QTuningConfig())
+        trainer, _, _ = train(tmp_path / "packed", packed_rows, 1, 2)
+    assert metric(trainer, "qtuning/samples_without_target") == [0.0]
     assert "cannot be honoured" not in caplog.text
 
 
@@ -221,9 +222,8 @@ def test_packed_rows_select_and_train_as_their_unpacked_samples_in_fewer_rows(tm
                              logging_steps=1, report_to=[], use_cpu=True, save_strategy="no")
     recorder = Recorder(model)
     packed = InOrderTrainer(model=model, args=args, train_dataset=Rows(packed_rows), callbacks=[recorder],
-                            qtuning_config=QTuningConfig(triage_scope="step", **config))
-    packed.args.sample_packing = True
-    recorder.trainer = packed
+                            qtuning_config=QTuningConfig(triage_scope="step", **config),
+                            qtuning_on_selection=recorder.events.append)
     packed.train()
 
     reference, selection = unpacked_rec.selections[0], recorder.selections[0]

@@ -1,5 +1,5 @@
-"""The micro-batch-scope training step (QTuningTrainerMixin): two-pass vs single-pass, packing, gradient
-accumulation, warm start, empty micro-batches and evaluation."""
+"""The micro-batch-scope training step (QTuningTrainerMixin over the engine): two-pass vs single-pass,
+packing, gradient accumulation, warm start, empty micro-batches and evaluation."""
 
 import logging
 
@@ -11,9 +11,9 @@ from qtuning_plugin._logging import LOG
 from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
 from qtuning_plugin.modeling import final_hidden_states, lm_head_parameters, shifted_targets, unwrap_causal_lm
 from qtuning_plugin.ops.backends import TORCH
-from qtuning_plugin.trainer import kept_token_loss
+from qtuning_plugin.engine import kept_token_loss
 
-from conftest import Rows, random_batch, tiny_llama
+from conftest import Rows, Selections, random_batch, tiny_llama
 
 
 class QTuningTrainer(QTuningTrainerMixin, Trainer):
@@ -55,9 +55,10 @@ def test_two_pass_and_single_pass_agree(tmp_path, model):
     config = {"sample_keep_ratio": 0.5, "token_keep_ratio": 0.5}
     two = make_trainer(tmp_path, model, scoring="two_pass", **config)
     one = make_trainer(tmp_path, model, scoring="single_pass", **config)
+    events_two, events_one = Selections.of(two), Selections.of(one)
     loss_two, grads_two = loss_and_grads(two, model, inputs)
     loss_one, grads_one = loss_and_grads(one, model, inputs)
-    sel_two, sel_one = two.qtuning_last_selection, one.qtuning_last_selection
+    sel_two, sel_one = events_two.last, events_one.last
     assert torch.equal(sel_two.sample_mask, sel_one.sample_mask)
     assert torch.equal(sel_two.token_mask, sel_one.token_mask)
     assert sel_two.sample_mask.sum() < 8  # some samples really are dropped
@@ -70,9 +71,10 @@ def test_two_pass_and_single_pass_agree(tmp_path, model):
 def test_two_pass_loss_is_the_mean_over_kept_tokens_of_kept_rows(tmp_path, model):
     inputs = random_batch(seed=1)
     trainer = make_trainer(tmp_path, model, sample_keep_ratio=0.25, token_keep_ratio=0.5)
+    events = Selections.of(trainer)
     model.train()
     loss = trainer.compute_loss(model, inputs)
-    selection = trainer.qtuning_last_selection
+    selection = events.last
     # Reference: the full-logits cross-entropy of a plain forward, masked by the selection.
     targets = shifted_targets(inputs["labels"])
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.double()
@@ -84,19 +86,21 @@ def test_two_pass_loss_is_the_mean_over_kept_tokens_of_kept_rows(tmp_path, model
 def test_two_pass_runs_backward_on_the_kept_rows_only(tmp_path, model):
     inputs = random_batch(seed=2)
     trainer = make_trainer(tmp_path, model, sample_keep_ratio=0.25)
+    events = Selections.of(trainer)
     seen = []
     decoder = unwrap_causal_lm(model).get_decoder()
     handle = decoder.register_forward_hook(lambda _m, _a, out: seen.append((out[0].shape[0], torch.is_grad_enabled())))
     model.train()
     trainer.compute_loss(model, inputs)
     handle.remove()
-    kept = int(trainer.qtuning_last_selection.sample_mask.sum())
+    kept = int(events.last.sample_mask.sum())
     assert seen == [(8, False), (kept, True)]
     assert 2 <= kept < 8
 
 
-def _packed(inputs, rows_of_segments):
-    """Pack right-padded rows into rows of concatenated samples, with position_ids resets."""
+def _packed(inputs, rows_of_segments, numbered_attention_mask=False):
+    """Pack right-padded rows into rows of concatenated samples, with position_ids resets; with
+    ``numbered_attention_mask`` also Axolotl's attention mask (1, 2, ... per sample, 0 at padding)."""
     packed_rows = []
     for row in rows_of_segments:
         ids, labels, positions = [], [], []
@@ -107,44 +111,42 @@ def _packed(inputs, rows_of_segments):
             positions.append(torch.arange(used))
         packed_rows.append((torch.cat(ids), torch.cat(labels), torch.cat(positions)))
     width = max(r[0].numel() for r in packed_rows)
-    out = {"input_ids": [], "labels": [], "position_ids": []}
+    out = {"input_ids": [], "labels": [], "position_ids": [], "attention_mask": []}
     for ids, labels, positions in packed_rows:
         pad = width - ids.numel()
         out["input_ids"].append(torch.cat([ids, ids.new_zeros(pad)]))
         out["labels"].append(torch.cat([labels, labels.new_full((pad,), -100)]))
         out["position_ids"].append(torch.cat([positions, torch.arange(pad)]))
+        out["attention_mask"].append(torch.cat([(positions == 0).cumsum(0), positions.new_zeros(pad)]))
+    if not numbered_attention_mask:
+        del out["attention_mask"]
     return {key: torch.stack(value) for key, value in out.items()}
 
 
-def test_packed_rows_give_the_statistics_and_selection_of_the_unpacked_samples(tmp_path, model):
+@pytest.mark.parametrize("scoring", ["two_pass", "single_pass"])
+def test_packed_rows_give_the_statistics_selection_and_loss_of_the_unpacked_samples(tmp_path, model, scoring):
     inputs = random_batch(batch=6, seed=3)
-    config = {"sample_keep_ratio": 0.5, "token_keep_ratio": 0.5, "scoring": "single_pass"}
+    config = {"sample_keep_ratio": 0.5, "token_keep_ratio": 0.5, "scoring": scoring}
     unpacked = make_trainer(tmp_path, model, **config)
+    unpacked_events = Selections.of(unpacked)
     model.train()
-    unpacked.compute_loss(model, inputs)
-    reference = unpacked.qtuning_last_selection
+    reference_loss = unpacked.compute_loss(model, inputs)
+    reference = unpacked_events.last
 
     packed_trainer = make_trainer(tmp_path, model, **config)
-    packed_trainer.args.sample_packing = True
+    packed_events = Selections.of(packed_trainer)
     packed = _packed(inputs, [[0, 1, 2], [3, 4], [5]])
-    packed_trainer.compute_loss(model, packed)
-    selection = packed_trainer.qtuning_last_selection
-    # Segments come in row order (0, 1, 2 | 3, 4 | 5); the padding tails form segments without targets.
+    loss = packed_trainer.compute_loss(model, packed)
+    selection = packed_events.last
+    # Segments come in row order (0, 1, 2 | 3, 4 | 5); without an attention mask the padding
+    # tails are segments without targets.
     samples = ~torch.isnan(selection.ppl)
     assert int(samples.sum()) == 6
     torch.testing.assert_close(selection.ppl[samples], reference.ppl, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(selection.ent[samples], reference.ent, atol=1e-4, rtol=1e-4)
     assert torch.equal(selection.sample_mask[samples], reference.sample_mask)
     assert not selection.sample_mask[~samples].any()
-
-
-def test_two_pass_with_packing_is_refused(tmp_path, model):
-    trainer = make_trainer(tmp_path, model, scoring="two_pass")
-    trainer.args.sample_packing = True
-    inputs = _packed(random_batch(batch=2), [[0, 1]])
-    model.train()
-    with pytest.raises(ValueError, match="qtuning.scoring"):
-        trainer.compute_loss(model, inputs)
+    torch.testing.assert_close(loss, reference_loss, atol=1e-5, rtol=1e-5)
 
 
 def test_gradient_accumulation_is_the_mean_of_micro_batch_means(tmp_path, model):
@@ -154,10 +156,10 @@ def test_gradient_accumulation_is_the_mean_of_micro_batch_means(tmp_path, model)
     trainer = make_trainer(tmp_path, model, sample_keep_ratio=0.5, token_keep_ratio=0.5)
     trainer.current_gradient_accumulation_steps = 2
     model.zero_grad()
-    masks = []
+    events = Selections.of(trainer)
     for inputs in micro:
         trainer.training_step(model, inputs, num_items_in_batch=torch.tensor(100))
-        masks.append(trainer.qtuning_last_selection.token_mask)
+    masks = [event.selection.token_mask for event in events]
     accumulated = lora_grads(model)
 
     model.zero_grad()

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
 
-from conftest import Rows, SCORINGS, random_batch, tiny_llama
+from conftest import Rows, SCORINGS, Selections, random_batch, tiny_llama
 
 ALL = {"sample_keep_ratio": 1.0, "token_keep_ratio": 1.0}
 
@@ -146,8 +146,9 @@ def test_selection_statistics_are_those_of_the_models_logits(tmp_path):
         model=tiny_llama(seed=0), args=sgd_args(tmp_path), train_dataset=Rows(batch),
         qtuning_config=QTuningConfig(sample_keep_ratio=0.5),
     )
+    events = Selections.of(trainer)
     trainer.train()
-    selection = trainer.qtuning_last_selection
+    selection = events.last
 
     with torch.no_grad():
         logits = tiny_llama(seed=0)(**batch).logits.double()[:, :-1]

@@ -1,5 +1,5 @@
 """The wrapped trainer's settings under Q-Tuning: refused at start-up with a message naming the
-setting (`qtuning_plugin.trainer_checks`), or honoured (gradient checkpointing, no warning)."""
+setting (`qtuning_plugin.hf.rules`), or honoured (gradient checkpointing, no warning)."""
 
 import warnings
 
@@ -9,7 +9,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
-from qtuning_plugin.trainer_checks import check_trainer_settings
+from qtuning_plugin.hf.rules import check_trainer
 
 from conftest import Rows, SCORINGS, random_batch, tiny_llama
 
@@ -49,7 +49,7 @@ def test_compute_loss_func_is_refused_with_gradient_accumulation(tmp_path):
 
 
 def test_label_smoothing_out_of_range_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"label_smoothing_factor=1\.5"):
+    with pytest.raises(ValueError, match=r"label_smoothing_factor: 1\.5: must be in \[0, 1\]"):
         build(tmp_path, label_smoothing_factor=1.5)
 
 
@@ -60,24 +60,14 @@ def test_moe_router_auxiliary_loss_is_refused(tmp_path):
         build(tmp_path, model=model)
 
 
-def test_declared_packing_with_two_pass_is_refused(tmp_path):
-    """Axolotl's ``sample_packing`` argument (a plain attribute here) declares packed rows."""
-    trainer = build(tmp_path, config=QTuningConfig(enabled=False))
-    trainer.args.sample_packing = True
-    with pytest.raises(ValueError, match=r"qtuning\.scoring=two_pass with triage_scope=micro_batch"):
-        check_trainer_settings(trainer, QTuningConfig(scoring="two_pass", triage_scope="micro_batch"))
-    check_trainer_settings(trainer, QTuningConfig(scoring="auto", triage_scope="micro_batch"))
-    check_trainer_settings(trainer, QTuningConfig(scoring="two_pass"))  # step scope packs kept segments
-
-
 def test_context_parallelism_is_refused(tmp_path, monkeypatch):
     from accelerate.parallelism_config import ParallelismConfig
 
     trainer = build(tmp_path)
     # accelerate reads it from its process-wide state, which a single process cannot set up.
     monkeypatch.setattr(type(trainer.accelerator), "parallelism_config", property(lambda _: ParallelismConfig(cp_size=2)))
-    with pytest.raises(ValueError, match="cp_size"):
-        check_trainer_settings(trainer, QTuningConfig())
+    with pytest.raises(ValueError, match="cp_size/sp_size: '2/1': context/sequence parallelism splits each sample"):
+        check_trainer(trainer)
 
 
 @pytest.mark.parametrize("scoring", SCORINGS, ids=list(SCORINGS))

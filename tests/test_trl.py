@@ -11,7 +11,7 @@ from trl import SFTConfig, SFTTrainer
 
 from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
 
-from conftest import VOCAB, tiny_llama
+from conftest import Selections, VOCAB, tiny_llama
 
 SAMPLES = 8
 
@@ -117,8 +117,9 @@ def test_packed_samples_are_triaged_one_by_one(tmp_path, tokenizer, settings):
     )
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] < SAMPLES  # really packed
+    events = Selections.of(trainer)
     trainer.train()
-    selection = trainer.qtuning_last_selection
+    selection = events.last
     valid = ~torch.isnan(selection.ppl)
     assert int(valid.sum()) == SAMPLES
     got = sorted(selection.ppl[valid].tolist())
@@ -129,18 +130,28 @@ def test_packed_samples_are_triaged_one_by_one(tmp_path, tokenizer, settings):
 
 
 def test_dft_loss_is_refused_at_start_up(tmp_path, tokenizer):
-    with pytest.raises(ValueError, match=r"loss_type='dft'"):
+    with pytest.raises(ValueError, match=r"loss_type: 'dft': replaces the cross-entropy loss.*use loss_type='nll'"):
         trainer_for(tmp_path, tokenizer, {}, loss_type="dft", bf16=False)
 
 
 def test_wrapped_packing_is_refused_at_start_up(tmp_path, tokenizer):
-    with pytest.raises(ValueError, match=r"packing_strategy='wrapped'"):
+    with pytest.raises(ValueError, match=r"packing_strategy: 'wrapped'"):
         trainer_for(tmp_path, tokenizer, {}, packing=True, packing_strategy="wrapped", max_length=48, bf16=False)
 
 
-def test_two_pass_with_padding_free_is_refused_at_start_up_at_micro_batch_scope(tmp_path, tokenizer):
-    with pytest.raises(ValueError, match=r"qtuning\.scoring=two_pass with triage_scope=micro_batch"):
-        trainer_for(tmp_path, tokenizer, {"scoring": "two_pass", "triage_scope": "micro_batch"},
-                    padding_free=True, max_length=None, bf16=False)
-    # with triage_scope step (the default) the packed samples are scored in a pass of their own
-    trainer_for(tmp_path, tokenizer, {"scoring": "two_pass"}, padding_free=True, max_length=None, bf16=False)
+
+def test_labels_over_whole_samples_are_warned_about(tmp_path, tokenizer, caplog):
+    """TRL trains on every token of a sample without a completion or assistant mask (its default on
+    conversational data): PPL and Ent then describe the prompt too, which the user is told once."""
+    import logging
+
+    from qtuning_plugin._logging import LOG
+
+    whole = [{"input_ids": row["input_ids"]} for row in samples()]
+    for rows, completion_only_loss, warned in ((whole, None, True), (None, True, False)):
+        trainer = trainer_for(tmp_path, tokenizer, {}, rows, bf16=False, completion_only_loss=completion_only_loss,
+                              max_steps=2, per_device_train_batch_size=SAMPLES // 2)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=LOG.logger.name):
+            trainer.train()
+        assert caplog.text.count("the labels cover the prompts too") == int(warned), caplog.text

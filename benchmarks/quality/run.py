@@ -62,7 +62,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import pathlib
 import random
@@ -324,7 +323,7 @@ def run_arm(name: str, seed: int, base_state: dict, dataset: SFTSet, steps: int,
     from transformers import TrainingArguments
 
     from qtuning_plugin import QTuningConfig
-    from trainers import QTuningTrainer, RandomPruneTrainer, StepClock
+    from trainers import IndexedCollator, QTuningTrainer, StepClock
 
     arm = ARMS.get(name) or STEP_SCOPE_ARMS[name]
     model = build_model(PRETRAIN)
@@ -337,15 +336,16 @@ def run_arm(name: str, seed: int, base_state: dict, dataset: SFTSet, steps: int,
         dataloader_drop_last=True, disable_tqdm=True, remove_unused_columns=False,
     )
     if arm.kind == "full":
-        cls, config = QTuningTrainer, QTuningConfig(enabled=False)
+        collator, config = IndexedCollator(seed), QTuningConfig(enabled=False)
     elif arm.kind == "qtuning":
-        cls, config = QTuningTrainer, QTuningConfig(backend="torch", triage_scope=arm.triage_scope, **arm.qtuning)
+        collator = IndexedCollator(seed)
+        config = QTuningConfig(backend="torch", triage_scope=arm.triage_scope, **arm.qtuning)
     else:  # random and the oracles: 25% of each micro-batch (oracle_clean: every clean sample), all tokens
-        cls = RandomPruneTrainer
-        config = QTuningConfig(sample_keep_ratio=0.25, token_keep_ratio=1.0, triage_scope="micro_batch")
-    trainer = cls(model=model, args=args, train_dataset=dataset, qtuning_config=config)
-    if arm.diagnostic:
-        trainer.oracle, trainer.kinds = arm.kind, dataset.kinds
+        oracle = arm.kind if arm.diagnostic else None
+        collator = IndexedCollator(seed, sample_keep_ratio=0.25, oracle=oracle, kinds=dataset.kinds)
+        config = QTuningConfig(enabled=False)
+    trainer = QTuningTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                             qtuning_config=config)
     clock = StepClock(eval_steps(steps, curve_points), lambda: 100 * float(greedy_correct(model, test).float().mean()),
                       lambda: trainer.tokens_with_gradient)
     trainer.add_callback(clock)

@@ -1,112 +1,91 @@
-"""The quality benchmark's trainers: the plugin's step, recorded, and the comparison arms' steps.
+"""The quality benchmark's trainers: the plugin as shipped, recorded, and the comparison arms.
 
-Every arm trains through `transformers.Trainer` with `QTuningTrainerMixin`, the loss
-path Axolotl's trainer takes. The datasets yield an ``idx`` column (the item's
-index in the SFT set) that the trainers pop before the model sees the batch.
+Every arm trains through `transformers.Trainer` with `QTuningTrainerMixin`, the loss path
+Axolotl's trainer takes. The datasets yield an ``idx`` column (the item's index in the SFT set)
+that `IndexedCollator` takes out of each micro-batch before the model sees it, queueing it for
+the recorder: the plugin's selections arrive through its public ``qtuning_on_selection`` hook,
+micro-batch after micro-batch in the order the collator made them.
+
+The random and oracle arms choose at the data level: their collator keeps a random 25% of each
+micro-batch (or, with the ground truth, the clean items first), and the kept rows train on the
+plain loss (Q-Tuning disabled): no scoring pass, every token of the kept rows.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections import deque
+from typing import Callable, Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.data.data_collator import default_data_collator
 
 from qtuning_plugin import QTuningTrainerMixin
-from qtuning_plugin.callbacks import QTuningPlotCallback
-from qtuning_plugin.modeling import final_hidden_states, lm_head_parameters, shifted_targets, unwrap_causal_lm
-from qtuning_plugin.ops.backends import resolve_backend
-from qtuning_plugin.trainer import kept_token_loss
+from qtuning_plugin.hf.callbacks import QTuningPlotCallback
+
+RANK = {"fresh": 0, "redundant": 1, "corrupted": 2}
 
 
-class Recording:
-    """Records, per triage, the dataset indices and what the loss kept; counts the tokens with gradient."""
+class IndexedCollator:
+    """`default_data_collator` without the ``idx`` column, which is queued in ``pending`` as
+    ``(idx [B], keep [B] bool)``: the rows of the micro-batch, and the ones handed on.
+
+    With ``sample_keep_ratio`` set, only ``max(1, round(ratio * B))`` rows are handed on: random
+    ones (seeded), or with ``oracle`` ("oracle_clean" / "oracle_25") and ``kinds`` (the SFT set's
+    ground-truth type per item) fresh items first, then redundant, corrupted last, randomly
+    within a type; "oracle_clean" keeps every item that is not corrupted.
+    """
+
+    def __init__(self, seed: int, sample_keep_ratio: Optional[float] = None, oracle: Optional[str] = None,
+                 kinds: Optional[list[str]] = None):
+        self.pending: deque = deque()
+        self.sample_keep_ratio = sample_keep_ratio
+        self.oracle, self.kinds = oracle, kinds
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, features: list[dict]) -> dict:
+        idx = torch.stack([f["idx"] for f in features])
+        keep = torch.ones(len(features), dtype=torch.bool)
+        if self.sample_keep_ratio is not None:
+            k = max(1, round(self.sample_keep_ratio * len(features)))
+            order = torch.randperm(len(features), generator=self.generator).tolist()
+            if self.oracle:
+                order.sort(key=lambda j: RANK[self.kinds[int(idx[j])]])
+                if self.oracle == "oracle_clean":
+                    k = max(1, sum(self.kinds[int(i)] != "corrupted" for i in idx))
+            keep[:] = False
+            keep[order[:k]] = True
+        self.pending.append((idx, keep))
+        return default_data_collator([{k: v for k, v in f.items() if k != "idx"} for f, kept in zip(features, keep) if kept])
+
+
+class QTuningTrainer(QTuningTrainerMixin, Trainer):
+    """The plugin as shipped (either triage scope, or disabled), recording per micro-batch the
+    dataset indices and what the loss kept, and counting the tokens with gradient."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, qtuning_on_selection=self._record_selection, **kwargs)
         # The per-run training plots of the plugin cost a second of matplotlib per arm; not needed here.
         self.remove_callback(QTuningPlotCallback)
         self.records = []
         self.tokens_with_gradient = 0
-        self._idx = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._idx = inputs.pop("idx", None)
-        if model.training and not self.qtuning_config.enabled:  # full-data arm: every label
+        if model.training and not self.qtuning_config.enabled:  # full data, or rows chosen by the collator
+            idx, keep = self.data_collator.pending.popleft()
             self.tokens_with_gradient += int((inputs["labels"][:, 1:] != -100).sum())
-            self.records.append({"idx": self._idx.cpu(), "keep": torch.ones(len(self._idx), dtype=torch.bool)})
+            self.records.append({"idx": idx, "keep": keep, "step": self.state.global_step})
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    def _select(self, *args, **kwargs):
-        sample_mask, token_mask = super()._select(*args, **kwargs)
-        self._record_selection(self._idx, self.qtuning_last_selection)
-        return sample_mask, token_mask
-
-    def _triage_step(self, micro_batches):
-        self._idx = torch.cat([micro_batch.pop("idx") for micro_batch in micro_batches])
-        return super()._triage_step(micro_batches)
-
-    def _select_step(self, *args, **kwargs):
-        result = super()._select_step(*args, **kwargs)
-        self._record_selection(self._idx, self.qtuning_last_selection)
-        return result
-
-    def _record_selection(self, idx, sel) -> None:
-        self.tokens_with_gradient += int(sel.token_mask.sum())
+    def _record_selection(self, event) -> None:
+        parts = [self.data_collator.pending.popleft() for _ in event.micro_batches]
+        sel = event.selection
+        self.tokens_with_gradient += event.kept_tokens
         self.records.append({
-            "idx": idx.cpu(), "keep": sel.sample_mask.cpu(), "q2": sel.q2.cpu(),
+            "idx": torch.cat([idx for idx, _ in parts]), "keep": sel.sample_mask.cpu(), "q2": sel.q2.cpu(),
             "token_mask": sel.token_mask.cpu(), "quadrant": sel.quadrant.cpu(), "step": self.state.global_step,
         })
-
-
-class QTuningTrainer(Recording, QTuningTrainerMixin, Trainer):
-    """The plugin as shipped, recorded (either triage scope)."""
-
-
-class RandomPruneTrainer(Recording, QTuningTrainerMixin, Trainer):
-    """Random sample pruning at the same budget: keep round(r * B) random rows, all their tokens.
-
-    Same step as the mixin's two-pass path (forward + backward on the kept
-    rows only, mean cross-entropy over their tokens with the same fused op),
-    without the scoring forward, which a random choice does not need.
-
-    With ``oracle`` set ("oracle_clean" or "oracle_25") and ``kinds`` (the SFT
-    set's ground-truth type per item), the choice uses the ground truth
-    instead: fresh items first, then redundant, corrupted last, randomly
-    within a type; "oracle_clean" keeps every item that is not corrupted.
-    """
-
-    oracle = None
-    kinds = None
-
-    def qtuning_loss(self, model, inputs):
-        labels = inputs["labels"]
-        batch = labels.shape[0]
-        if self._qtuning_backend is None:
-            self._qtuning_backend = resolve_backend(self.qtuning_config.backend, labels.device)
-        gen = getattr(self, "_rand_gen", None)
-        if gen is None:
-            gen = self._rand_gen = torch.Generator().manual_seed(self.args.seed)
-        k = max(1, round(self.qtuning_config.sample_keep_ratio * batch))
-        perm = torch.randperm(batch, generator=gen)
-        if self.oracle:
-            kinds = [self.kinds[int(i)] for i in self._idx]
-            rank = {"fresh": 0, "redundant": 1, "corrupted": 2}
-            perm = torch.tensor(sorted(perm.tolist(), key=lambda j: rank[kinds[j]]))
-            if self.oracle == "oracle_clean":
-                k = max(1, sum(kind != "corrupted" for kind in kinds))
-        rows = perm[:k].sort().values.to(labels.device)
-        sub = {key: value[rows] for key, value in inputs.items() if torch.is_tensor(value) and value.shape[:1] == (batch,)}
-        targets = shifted_targets(sub["labels"])
-        mask = targets != -100
-        weight, bias = lm_head_parameters(unwrap_causal_lm(model))
-        hidden = final_hidden_states(model, sub)
-        self.tokens_with_gradient += int(mask.sum())
-        keep = torch.zeros(batch, dtype=torch.bool)
-        keep[rows.cpu()] = True
-        self.records.append({"idx": self._idx.cpu(), "keep": keep, "step": self.state.global_step})
-        return kept_token_loss(self._qtuning_backend, hidden, weight, bias, targets, mask)
 
 
 class StepClock(TrainerCallback):

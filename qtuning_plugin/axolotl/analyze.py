@@ -73,10 +73,7 @@ def run(
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     micro = int(cfg.micro_batch_size or 1)
-    scores = score_dataset(
-        model, dataset, batch_size=micro, pad_token_id=pad, backend=config.backend,
-        chunk_size=config.chunk_size, progress=progress,
-    )
+    scores = score_dataset(model, dataset, config, batch_size=micro, pad_token_id=pad, progress=progress)
     mini_batch = config.triage_batch_size(micro, int(cfg.gradient_accumulation_steps or 1), int(cfg.world_size or 1))
     analysis = analyze_scores(scores, config, mini_batch)
     paths = write_outputs(analysis, out_dir or os.path.join(cfg.output_dir or ".", "qtuning-analysis"))

@@ -15,7 +15,7 @@ from typing import Any
 from axolotl.core.trainers.base import AxolotlTrainer
 from transformers import Trainer
 
-from qtuning_plugin.trainer import QTuningTrainerMixin
+from qtuning_plugin.hf.trainer import QTuningTrainerMixin
 
 
 class _PreparedInputs(dict):

@@ -1,4 +1,4 @@
-"""The Error-Uncertainty plane: one (PPL, Ent) point per sample (SPEC section 2)."""
+"""The Error-Uncertainty plane: one (PPL, Ent) point per sample (docs/algorithm.md section 2)."""
 
 from __future__ import annotations
 

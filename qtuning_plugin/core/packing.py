@@ -42,9 +42,12 @@ def is_packed(position_ids: Tensor, attention_mask: Optional[Tensor] = None) -> 
 class Segments:
     """Where each position of a packed ``[B, T]`` batch lies in ``[S, L]``.
 
+    Padding (``attention_mask`` 0, where a mask is given) belongs to no segment: a padding
+    tail is not a sample, and a padded position is left out of the unpacked values.
+
     Attributes:
-        sample: ``[B, T]`` int64, the segment (sample) of each position.
-        slot: ``[B, T]`` int64, the position's offset inside its segment.
+        sample: ``[B, T]`` int64, the segment (sample) of each position; -1 at padding.
+        slot: ``[B, T]`` int64, the position's offset inside its segment (0 at padding).
         num_samples: S.
         max_len: L.
     """
@@ -55,25 +58,32 @@ class Segments:
     max_len: int
 
     @classmethod
-    def from_position_ids(cls, position_ids: Tensor) -> "Segments":
-        """Segments of ``position_ids [B, T]``: a new one starts at every 0 (and at column 0)."""
-        starts = position_ids == 0
-        starts[:, 0] = True
-        local = starts.long().cumsum(dim=1) - 1
-        per_row = local[:, -1] + 1
+    def from_position_ids(cls, position_ids: Tensor, attention_mask: Optional[Tensor] = None) -> "Segments":
+        """Segments of ``position_ids [B, T]``: a new one starts at every token whose position id is 0,
+        and at the first token of a row or after padding."""
+        tokens = torch.ones_like(position_ids, dtype=torch.bool) if attention_mask is None else attention_mask != 0
+        after_gap = torch.ones_like(tokens)
+        after_gap[:, 1:] = ~tokens[:, :-1]
+        starts = tokens & ((position_ids == 0) | after_gap)
+        count = starts.long().cumsum(dim=1)
+        per_row = count[:, -1]
         row_offset = torch.cumsum(per_row, dim=0) - per_row
-        sample = local + row_offset.unsqueeze(1)
+        sample = torch.where(tokens, count - 1 + row_offset.unsqueeze(1), -1)
         columns = torch.arange(position_ids.shape[1], device=position_ids.device).expand_as(position_ids)
         start_column = torch.where(starts, columns, torch.zeros_like(columns)).cummax(dim=1).values
-        slot = columns - start_column
-        return cls(sample, slot, int(per_row.sum()), int(slot.max()) + 1)
+        slot = torch.where(tokens, columns - start_column, 0)
+        return cls(sample, slot, int(per_row.sum()), int(slot.max()) + 1 if bool(tokens.any()) else 0)
 
     def unpack(self, values: Tensor, fill: float | bool = 0) -> Tensor:
         """``[B, T]`` row values to ``[S, L]`` sample values, ``fill`` past each sample's end."""
         out = torch.full((self.num_samples, self.max_len), fill, dtype=values.dtype, device=values.device)
-        out[self.sample, self.slot] = values
+        tokens = self.sample >= 0
+        out[self.sample[tokens], self.slot[tokens]] = values[tokens]
         return out
 
-    def repack(self, values: Tensor) -> Tensor:
-        """``[S, L]`` sample values back to ``[B, T]`` rows."""
-        return values[self.sample, self.slot]
+    def repack(self, values: Tensor, fill: float | bool = 0) -> Tensor:
+        """``[S, L]`` sample values back to ``[B, T]`` rows, ``fill`` at padding."""
+        out = torch.full(self.sample.shape, fill, dtype=values.dtype, device=values.device)
+        tokens = self.sample >= 0
+        out[tokens] = values[self.sample[tokens], self.slot[tokens]]
+        return out

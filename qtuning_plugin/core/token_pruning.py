@@ -1,4 +1,4 @@
-"""Context-aware token pruning inside Q2 samples (SPEC section 5, eq. 7)."""
+"""Context-aware token pruning inside Q2 samples (docs/algorithm.md section 5, eq. 7)."""
 
 from __future__ import annotations
 

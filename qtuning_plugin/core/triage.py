@@ -1,4 +1,4 @@
-"""Sample triage on the EU plane: quantile bisection plus fill-up (SPEC section 4)."""
+"""Sample triage on the EU plane: quantile bisection plus fill-up (docs/algorithm.md section 4)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-# The paper searches alpha in [0, 0.5]; the released code used 0.49 (SPEC 4.2).
+# The paper searches alpha in [0, 0.5]; the released code used 0.49 (docs/algorithm.md section 4).
 ALPHA_UPPER = 0.49
 # Below this spread a statistic counts as constant in the fill-up normalisation.
 MIN_SPREAD = 1e-12

@@ -1,7 +1,7 @@
 """Per-token NLL and predictive entropy of the LM head with a Triton online-softmax kernel.
 
 The statistics pass of Q-Tuning needs, for every trainable token, ``nll = lse(z) - z[target]``
-and ``entropy = lse(z) - sum_v softmax(z)_v z_v`` over the full vocabulary (SPEC section 1),
+and ``entropy = lse(z) - sum_v softmax(z)_v z_v`` over the full vocabulary (docs/algorithm.md section 1),
 without gradient. This module computes them like Liger Kernel's fused linear cross-entropy
 (``liger_kernel/ops/cross_entropy.py``): the tokens are split into chunks, each chunk's logits
 ``[n, V]`` come from one matmul in the input dtype, and a Triton kernel with one program per row

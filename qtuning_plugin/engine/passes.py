@@ -1,32 +1,33 @@
-"""Step-scope triage: the training passes of one optimizer step, planned from what triage kept.
+"""The training passes of a triaged mini-batch: what holds a kept token, regrouped into passes.
 
-With ``triage_scope: step`` the mini-batch of SPEC section 4 is the optimizer step's: every
-gradient-accumulation micro-batch on every data-parallel rank. Once the step is scored and
-triaged, what holds a kept token becomes a unit of a `UnitTable`: a whole row, or with sample
-packing a packed segment. The units are regrouped into training passes of at most
-``rows_per_pass`` rows (`plan_passes`), padding trimmed, and kept segments are packed again
-into as few rows as they fill, so that the number of forward/backward passes falls with
-``sample_keep_ratio``. The loss of the step is the cross-entropy summed over all kept tokens of
-the step divided by their count (all ranks): each pass carries its share in ``loss_scale``.
+Once a mini-batch is scored and triaged, what holds a kept token becomes a unit of a
+`UnitTable`: a whole row, or with sample packing a packed segment. The units are regrouped into
+training passes of at most ``rows_per_pass`` rows (`plan_passes`), padding trimmed, and kept
+segments are packed again into as few rows as they fill, so that the number of forward/backward
+passes falls with ``sample_keep_ratio``. Each pass carries in ``loss_scale`` its share of the
+mini-batch's loss, the cross-entropy summed over its kept tokens divided by their count.
 
-Data parallel: the kept units of every rank are gathered (token ids and masks only, a few
-integers per token) and dealt out again so that every rank runs the same number of passes
-(DDP and ZeRO all-reduce once per pass, so unequal counts would hang) and none idles while
-another has units to train on. Dealing units round-robin in order of decreasing length also
-evens out the tokens per rank and puts units of similar length into the same pass.
+Under ``triage_scope: step`` (`training_passes` with ``spread=True``) the kept units of every rank are
+gathered (token ids and masks only, a few integers per token) and dealt out again so that every
+rank runs the same number of passes (DDP and ZeRO all-reduce once per pass, so unequal counts
+would hang) and none idles while another has units to train on. Dealing units round-robin in
+order of decreasing length also evens out the tokens per rank and puts units of similar length
+into the same pass. The loss is normalised by the kept tokens of the whole step on all ranks
+(docs/algorithm.md section 6). Under ``triage_scope: micro_batch`` (``spread=False``) each rank trains
+its own kept units in one pass, normalised by its own kept tokens.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from qtuning_plugin.core import Segments
 from qtuning_plugin.distributed import all_gather_padded, world_size
+from qtuning_plugin.engine.micro_batch import MicroBatch
 
 # Padding values of the channels past the end of a unit (0 for the others).
 _PAD = {"labels": -100, "targets": -100}
@@ -39,14 +40,15 @@ NO_PASS = "no pass"
 
 @dataclass(frozen=True)
 class TrainingPass:
-    """What one forward/backward of a triaged step trains on, beside its model inputs.
+    """What one forward/backward of a triaged mini-batch trains on, beside its model inputs.
 
     Attributes:
         targets: ``[R, T]`` int64 next-token targets (shifted labels), -100 where untrained.
         token_mask: ``[R, T]`` bool, the kept tokens.
         loss_scale: multiplies the pass's summed cross-entropy (nats): world size / kept tokens
-            of the whole step on all ranks, so that the mean over ranks of the summed pass losses
-            is the step's mean cross-entropy over its kept tokens; 0 when nothing is kept.
+            of the whole step on all ranks (so that the mean over ranks of the summed pass losses
+            is the step's mean cross-entropy over its kept tokens), or 1 / this rank's kept
+            tokens where the passes are not spread over ranks; 0 when nothing is kept.
     """
 
     targets: Tensor
@@ -56,7 +58,7 @@ class TrainingPass:
 
 @dataclass(frozen=True)
 class UnitTable:
-    """The units of a step (rows, or packed segments) as one integer tensor, so that they travel
+    """The units of a mini-batch (rows, or packed segments) as one integer tensor, so that they travel
     between ranks in one collective.
 
     Attributes:
@@ -151,37 +153,31 @@ def used_length(inputs: dict[str, Any], batch: int, length: int) -> Tensor:
     return (mask.ne(0) * positions).amax(dim=1).clamp(min=1).cpu()
 
 
-def row_table(inputs: dict[str, Any], targets: Tensor, token_mask: Tensor, rows: Tensor) -> UnitTable:
-    """The rows ``rows`` (``[k]`` int64) of one unpacked micro-batch as units.
+def unit_table(batch: MicroBatch, token_mask: Tensor, units: Optional[Tensor] = None) -> UnitTable:
+    """Units of one micro-batch: its rows, or its packed segments (each with its own
+    ``position_ids`` from 0; the attention mask is renumbered when the units are packed into rows
+    again, `UnitTable.rows`).
 
     Args:
-        inputs: the micro-batch (its integer ``[B, T]`` tensors are carried).
-        targets: ``[B, T]`` int64 shifted labels.
+        batch: the micro-batch (its integer ``[B, T]`` inputs are carried).
         token_mask: ``[B, T]`` bool, the kept tokens.
+        units: ``[k]`` int64, the rows (segments) to take; default: those holding a kept token.
     """
-    columns, values = _channels(inputs, targets, token_mask)
-    lengths = used_length(inputs, *targets.shape).to(rows.device)[rows]
-    width = int(lengths.max()) if rows.numel() else 0
-    return UnitTable(columns, values[rows, :width], lengths)
-
-
-def segment_table(
-    inputs: dict[str, Any], targets: Tensor, token_mask: Tensor, segments: Segments, kept: Tensor
-) -> UnitTable:
-    """The packed segments ``kept`` (``[k]`` int64 segment numbers of `Segments`) of one micro-batch as units.
-
-    Each unit is the segment's positions, with its own ``position_ids`` (from 0); the
-    attention mask is renumbered when the units are packed into rows again (`UnitTable.rows`).
-    """
-    columns, values = _channels(inputs, targets, token_mask)
-    flat, sample = values.flatten(0, 1), segments.sample.flatten()
-    units = [flat[sample == s] for s in kept.tolist()]
-    lengths = torch.tensor([u.shape[0] for u in units], dtype=torch.long, device=values.device)
-    width = int(lengths.max()) if units else 0
-    padded = _padding(columns, values.device).expand(len(units), width, -1).clone()
-    for k, unit in enumerate(units):
-        padded[k, : unit.shape[0]] = unit
-    mask = inputs.get("attention_mask")
+    columns, values = _channels(batch.inputs, batch.targets, token_mask)
+    if units is None:
+        units = batch.per_sample(token_mask, False).any(dim=1).nonzero().squeeze(1)
+    if batch.segments is None:
+        lengths = used_length(batch.inputs, *batch.targets.shape).to(units.device)[units]
+        width = int(lengths.max()) if units.numel() else 0
+        return UnitTable(columns, values[units, :width], lengths)
+    flat, sample = values.flatten(0, 1), batch.segments.sample.flatten()
+    parts = [flat[sample == s] for s in units.tolist()]
+    lengths = torch.tensor([p.shape[0] for p in parts], dtype=torch.long, device=values.device)
+    width = int(lengths.max()) if parts else 0
+    padded = _padding(columns, values.device).expand(len(parts), width, -1).clone()
+    for k, part in enumerate(parts):
+        padded[k, : part.shape[0]] = part
+    mask = batch.inputs.get("attention_mask")
     numbered = mask is not None and bool((mask > 1).any())
     return UnitTable(columns, padded, lengths, segment_ids=numbered)
 
@@ -249,40 +245,41 @@ def plan_passes(
     return groups
 
 
-def plan_step(
-    local: UnitTable, rows_per_pass: int, row_capacity: int, max_passes: int, fallback: UnitTable
-) -> list[dict[str, Any]]:
-    """This rank's training passes of a triaged step (a collective in data-parallel training).
+def training_passes(batches: Sequence[MicroBatch], token_masks: Sequence[Tensor], *, spread: bool) -> list[dict[str, Any]]:
+    """The training passes of a triaged mini-batch (a collective when ``spread`` in data-parallel training).
 
     Args:
-        local: this rank's units holding at least one kept token.
-        rows_per_pass: the most rows in one of this step's micro-batches, on any rank.
-        row_capacity: the widest row of this step's micro-batches, on any rank: packed
-            segments are packed into rows of this many positions.
-        max_passes: the step's micro-batch count (the same on every rank).
-        fallback: one unit of this rank's, trained with no token where the step keeps none.
+        batches: the mini-batch's micro-batches on this rank.
+        token_masks: each one's ``[B, T]`` bool kept tokens.
+        spread: deal the kept units of every rank out to the ranks and normalise by the kept
+            tokens of all ranks (``triage_scope: step``); else this rank's units in one pass,
+            normalised by its own kept tokens (``micro_batch``).
 
     Returns:
-        One dict per pass: model inputs of at most ``rows_per_pass`` rows with a
-        `TrainingPass` under `PASS_KEY`.
+        One dict per pass, at most ``len(batches)``: model inputs of at most as many rows as
+        the largest micro-batch (on any rank) holds, with a `TrainingPass` under `PASS_KEY`.
     """
-    world = world_size()
-    table = local
+    table = concat([unit_table(b, m) for b, m in zip(batches, token_masks)])
+    rows_per_pass = max(b.targets.shape[0] for b in batches)
+    # Packed segments are packed into rows as wide as the widest row of the mini-batch.
+    row_capacity = max(b.targets.shape[1] for b in batches)
+    world = world_size() if spread else 1
     if world > 1:
-        mine = torch.tensor([rows_per_pass, row_capacity], device=local.values.device)
+        mine = torch.tensor([rows_per_pass, row_capacity], device=table.values.device)
         shapes = torch.stack(all_gather_padded(mine))
         rows_per_pass, row_capacity = (int(n) for n in shapes.amax(dim=0))
-        table = local.gather()
+        table = table.gather()
     kept = table.kept_tokens()
     scale = world / kept if kept else 0.0
     rank = torch.distributed.get_rank() if world > 1 else 0
     capacity = None if table.segment_ids is None else row_capacity
     passes = []
-    for rows in plan_passes(table.lengths.tolist(), world, rank, rows_per_pass, capacity, max_passes):
+    for rows in plan_passes(table.lengths.tolist(), world, rank, rows_per_pass, capacity, len(batches)):
         if rows:
             inputs, targets, token_mask = table.rows(rows)
         else:  # the rank has fewer rows than passes: a pass that trains on nothing
-            source = table if table.num_units else fallback
+            first = batches[0].targets.new_zeros(1)
+            source = table if table.num_units else unit_table(batches[0], token_masks[0], units=first)
             inputs, targets, token_mask = source.rows([[0]], drop_tokens=True)
         passes.append({**inputs, PASS_KEY: TrainingPass(targets, token_mask, scale)})
     return passes

@@ -1,0 +1,42 @@
+"""`axolotl qtuning analyze`: the one-line errors that need no model. The end-to-end run on the
+tiny example is `integration_tests/test_axolotl_analyze.py`."""
+
+import pytest
+from click.testing import CliRunner
+
+from qtuning_plugin.axolotl.cli import qtuning
+
+pytestmark = pytest.mark.axolotl
+
+
+def _one_line_error(result, code):
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    return lines[-1]
+
+
+def test_a_missing_config_file_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(qtuning, ["analyze", str(tmp_path / "nope.yml")])
+    assert "does not exist" in _one_line_error(result, 2)
+
+
+def test_a_config_without_a_qtuning_section_is_an_error(tmp_path):
+    config = tmp_path / "plain.yml"
+    config.write_text("base_model: some/model\nmicro_batch_size: 2\n")
+    result = CliRunner().invoke(qtuning, ["analyze", str(config)])
+    line = _one_line_error(result, 1)
+    assert line.startswith("Error: ") and "has no `qtuning:` section" in line
+
+
+def test_an_invalid_qtuning_section_is_an_error(tmp_path):
+    config = tmp_path / "bad.yml"
+    config.write_text("base_model: some/model\nqtuning:\n  sample_keep_ratio: 2.0\n")
+    line = _one_line_error(CliRunner().invoke(qtuning, ["analyze", str(config)]), 1)
+    assert line.startswith("Error: invalid `qtuning:` section") and "sample_keep_ratio" in line
+
+
+def test_max_samples_must_be_positive(tmp_path):
+    config = tmp_path / "c.yml"
+    config.write_text("qtuning: {}\n")
+    result = CliRunner().invoke(qtuning, ["analyze", str(config), "--max-samples", "0"])
+    assert result.exit_code == 2
