@@ -47,10 +47,9 @@ def _save_with_legend_below(fig, ax, ncol: int, legend_height: float, out_path) 
     plt.close(fig)
 
 
-def plot_arms(cond_summary: dict, arms: list[str], plane, pre_acc: float, title: str, out_path) -> None:
-    """Left: accuracy per arm at equal steps and at equal training time. Right: the EU plane of the SFT set before SFT."""
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    ax = axes[0]
+def _accuracy_bars(ax, cond_summary: dict, arms: list[str]) -> None:
+    """Per arm, a bar at equal steps and a lighter one at equal time (mean ± std, seeds as dots);
+    the oracles hatched. ``cond_summary``: budget -> arm -> ``acc_mean``, ``acc_std``, ``acc``."""
     width = 0.4
     for budget, offset, alpha in (("equal_steps", -width / 2, 1.0), ("equal_time", width / 2, 0.45)):
         by_arm = cond_summary.get(budget, {})
@@ -66,6 +65,13 @@ def plot_arms(cond_summary: dict, arms: list[str], plane, pre_acc: float, title:
                 bar.set_hatch("//")
         for x, arm in zip(xs, present):
             ax.plot([x] * len(by_arm[arm]["acc"]), by_arm[arm]["acc"], "k.", ms=4)
+
+
+def plot_arms(cond_summary: dict, arms: list[str], plane, pre_acc: float, title: str, out_path) -> None:
+    """Left: accuracy per arm at equal steps and at equal training time. Right: the EU plane of the SFT set before SFT."""
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    ax = axes[0]
+    _accuracy_bars(ax, cond_summary, arms)
     ax.axhline(pre_acc, ls="--", c="k", lw=0.8, label="before SFT")
     ax.set_xticks(range(len(arms)), arms, rotation=25, ha="right")
     ax.set_ylabel("held-out exact match (%)")
@@ -152,30 +158,19 @@ KIND_COLOURS = {"clean": "#1f77b4", "wrong_number": "#ff7f0e", "mismatched": "#d
                 "off_topic": "#8c564b"}
 
 
-def plot_real(summary: dict, arms: list[str], base_acc: float, plane, out_path) -> None:
+def plot_real(summary: dict, arms: list[str], base_acc: float, plane, title: str, out_path) -> None:
     """The real-model track (real.py). One panel per noise level: exact match per arm at equal steps
     and at equal training time (mean ± std, seeds as dots). Last panel: ``plane``, the (PPL, Ent,
     kind) of the samples that Q-Tuning 25% x 50% triaged during its equal-step run."""
     levels = list(summary)
     fig, axes = plt.subplots(1, len(levels) + (plane is not None), figsize=(6.5 * (len(levels) + 1), 5), squeeze=False)
     for ax, level in zip(axes[0], levels):
-        width = 0.4
-        for budget, offset, alpha in (("equal_steps", -width / 2, 1.0), ("equal_time", width / 2, 0.45)):
-            by_arm = summary[level].get(budget, {})
-            present = [arm for arm in arms if arm in by_arm]
-            xs = [arms.index(arm) + offset for arm in present]
-            bars = ax.bar(xs, [by_arm[a]["acc_mean"] for a in present], width, yerr=[by_arm[a]["acc_std"] for a in present],
-                          capsize=3, color=[_style(a)[0] for a in present], alpha=alpha, edgecolor="k",
-                          label=budget.replace("_", " ") + ("" if budget == "equal_steps" else " (lighter)"))
-            for bar, arm in zip(bars, present):
-                if arm.startswith("oracle"):
-                    bar.set_hatch("//")
-            for x, arm in zip(xs, present):
-                ax.plot([x] * len(by_arm[arm]["acc"]), by_arm[arm]["acc"], "k.", ms=4)
+        _accuracy_bars(ax, summary[level], arms)
         ax.axhline(base_acc, ls="--", c="k", lw=0.8, label="base model (no training)")
         ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("held-out exact match (%)")
-        ax.set_title(f"SmolLM2-135M-Instruct, LoRA, {level} corrupted responses", fontsize=9)
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{title}, {level} corrupted responses", fontsize=9)
         ax.legend(loc="lower left", fontsize=7)
     if plane is not None:
         ax = axes[0][-1]

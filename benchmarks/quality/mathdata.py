@@ -8,7 +8,8 @@ drawn at random. A worked answer is one or two equations and the sentence
 A corrupted response (`CORRUPTIONS`) is one of:
 
 * ``wrong_number``: the solution of the same problem with one computed number wrong (an
-  arithmetic slip, carried on to the final answer): right-looking, wrong;
+  arithmetic slip, carried on to the final answer): right-looking, wrong (in rare two-step
+  cases the carried slip makes the final answer negative);
 * ``mismatched``: the correct solution of another problem of the set (a misaligned join);
 * ``truncated``: the correct solution cut off before its final answer (a length limit);
 * ``off_topic``: a fluent sentence that has nothing to do with the problem (scraping noise).

@@ -1,32 +1,36 @@
 """Does Q-Tuning pay off on a real LLM? The quality benchmark on SmolLM2-135M-Instruct (issue 22).
 
     python benchmarks/quality/real.py            # the whole track (see README.md for its time)
-    python benchmarks/quality/real.py --quick    # 1 seed, 30% noise, 2 steps, 12 test problems
+    python benchmarks/quality/real.py --quick    # 1 seed, 30% noise, 2 steps, 12 test problems (the smoke test)
 
 ``--model DIR`` names SmolLM2-135M-Instruct as an ordinary model folder; by default the one
-`qtuning_plugin.smollm2.ensure_model` makes from PyPI and caches. The model is fine-tuned with
-LoRA (r 8 on every linear layer) on generated grade-school word problems (`mathdata`),
-a share of whose responses are corrupted, and graded by greedy generation on held-out problems.
+`qtuning_plugin.smollm2.ensure_model` makes from PyPI and caches. The model is fine-tuned on
+generated grade-school word problems (`mathdata`), a share of whose responses are corrupted,
+and graded by greedy generation on held-out problems. Fine-tuning is full (every weight, AdamW
+at 1e-5), chosen over the paper's LoRA (r 8, 1e-4) on the validation split (`FINETUNE`).
 
-Arms (`ARMS`), the same data order, seed and step shape (micro-batch 4 x accumulation 4 =
-16 samples an optimizer step), through ``QTuningTrainerMixin`` on a ``transformers.Trainer``:
+Arms (`ARMS`), the same data order, seed and step shape (micro-batch 2 x accumulation 4 =
+8 samples an optimizer step), through ``QTuningTrainerMixin`` on a ``transformers.Trainer``:
 
 * base              -- the model before fine-tuning (evaluated only);
 * full              -- every sample (``QTuningConfig(enabled=False)``: the model's own loss);
-* random_25         -- a seeded random 4 of each step's 16 samples, chosen in the data plan;
+* random_25         -- a seeded random 2 of each step's 8 samples, chosen in the data plan;
 * qtuning_25x50, qtuning_12.5x50, qtuning_25x70 -- the plugin, ``triage_scope: step``;
 * triage_only_25    -- 25% of the samples, no token pruning (``token_keep_ratio=1.0``);
 * reversed_25x50    -- 25% x 50% pruning the lowest-scoring tokens (``prune_highest_scores=False``);
 * oracle_clean      -- exactly the clean samples of each step (uses the ground truth: a ceiling).
 
-Each arm trains at a constant learning rate after a short warm-up, so that one run answers
+Without noise only `CLEAN_ARMS` run (oracle_clean is full-data SFT there).
+
+Each arm trains at a constant learning rate after a 2-step warm-up, so that one run answers
 two questions: at equal optimizer steps (``STEPS``, full-data SFT's length) and, running on
-until its summed step CPU time reaches full-data SFT's, at equal training time. A step's time
-is the CPU time of this one-thread process (other sessions share the machine's two cores).
+until its summed step CPU time first reaches full-data SFT's, at equal training time. A step's
+time is the CPU time of its one-thread process (other sessions share the machine's two cores).
 Both points are evaluated: exact match of the final answer (greedy ``generate``, batched, left
 padding) on the held-out problems, and the held-out loss (mean cross-entropy per response token
-of the correct solutions). The noise levels and seeds run as units (one per level and seed),
-``--jobs`` of them at a time in separate processes.
+of the correct solutions, on the first ``N_LOSS`` of them). Full-data SFT runs first at every
+level and seed (its time is the budget), then every other arm; each run is a task in one of
+``--jobs`` processes.
 
 The last printed line is one JSON object: ``accuracy[level/budget][arm]`` in % held-out exact
 match (mean over seeds), the step-cost ratios and the wall time.
@@ -37,7 +41,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import inspect
 import io
 import json
 import logging
@@ -67,9 +70,11 @@ STEPS = 12  # full-data SFT's optimizer steps (one epoch of the SFT set)
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 # Learning rate per fine-tuning mode, fixed before any run: the paper's for LoRA, a common one for full fine-tuning.
 LR = {"lora": 1e-4, "full": 1e-5}
-FINETUNE = "lora"
+# Chosen on the validation split before the runs (README): full-data SFT, 30% noise, seed 0, 12 steps,
+# 60 validation problems: LoRA 13.3% exact match (loss 0.699), full fine-tuning 30.0% (0.266).
+FINETUNE = "full"
 WARMUP_STEPS = 2
-N_TEST, N_LOSS, N_VAL = 200, 48, 100
+N_TEST, N_LOSS, N_VAL = 200, 32, 100
 NOISE_LEVELS = (0.0, 0.3)
 SEEDS = 2
 MAX_NEW_TOKENS = 40  # the longest clean solution is 31 tokens
@@ -87,17 +92,19 @@ class Arm:
     runs_to_equal_time: bool = True
 
 
-ARMS = {
+ARMS = {  # in the order they run: the main comparison first, the ablations and other budgets last
     "full": Arm(runs_to_equal_time=False),
     "random_25": Arm("random"),
     "qtuning_25x50": Arm(qtuning=dict(sample_keep_ratio=0.25, token_keep_ratio=0.5)),
-    "qtuning_12.5x50": Arm(qtuning=dict(sample_keep_ratio=0.125, token_keep_ratio=0.5)),
-    "qtuning_25x70": Arm(qtuning=dict(sample_keep_ratio=0.25, token_keep_ratio=0.7)),
+    "oracle_clean": Arm("clean"),
     "triage_only_25": Arm(qtuning=dict(sample_keep_ratio=0.25, token_keep_ratio=1.0)),
     "reversed_25x50": Arm(qtuning=dict(sample_keep_ratio=0.25, token_keep_ratio=0.5, prune_highest_scores=False)),
-    "oracle_clean": Arm("clean"),
+    "qtuning_12.5x50": Arm(qtuning=dict(sample_keep_ratio=0.125, token_keep_ratio=0.5)),
+    "qtuning_25x70": Arm(qtuning=dict(sample_keep_ratio=0.25, token_keep_ratio=0.7)),
 }
 KINDS = ("clean",) + mathdata.CORRUPTIONS
+# Without noise, the arms that ask whether pruning hurts clean data (the others ask about noise).
+CLEAN_ARMS = ("full", "random_25", "qtuning_25x50", "triage_only_25")
 
 
 # ----------------------------------------------------------------------------- data
@@ -232,6 +239,8 @@ class SelectionLog:
         from qtuning_plugin.core.triage import NO_TARGET, QUADRANTS
 
         sel = event.selection
+        if sel is None:  # warm-up: every token trained (no warm-up steps here)
+            raise RuntimeError("qtuning: the real-model track runs without Q-Tuning warm-up steps")
         for row, ids in enumerate(event.sample_input_ids):
             item = self.dataset.by_ids[tuple(ids.tolist())]
             kept_tokens = sel.token_mask[row]
@@ -279,7 +288,7 @@ def train_arm(name: str, model_dir: str, tokenizer, dataset: SFTSet, steps: list
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
-    from qtuning_plugin.callbacks import QTuningPlotCallback
+    from qtuning_plugin.hf.callbacks import QTuningPlotCallback
 
     arm = ARMS[name]
     kinds = [e.kind for e in dataset.examples]
@@ -295,8 +304,7 @@ def train_arm(name: str, model_dir: str, tokenizer, dataset: SFTSet, steps: list
     tokenizer.padding_side = "right"
     grad_accum = GRAD_ACCUM if arm.plan == "all" else 1
     log = SelectionLog(dataset)
-    hook = "qtuning_on_selection" in inspect.signature(QTuningTrainerMixin.__init__).parameters
-    extra = {"qtuning_on_selection": log} if arm.qtuning and hook else {}
+    extra = {"qtuning_on_selection": log} if arm.qtuning else {}
     with tempfile.TemporaryDirectory(prefix="qtuning-real-") as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=MICRO_BATCH, gradient_accumulation_steps=grad_accum,
@@ -323,8 +331,6 @@ def trained_tokens(dataset: SFTSet, arm: Arm, res: dict, up_to_step: int) -> dic
     Q-Tuning's from its selections, the other arms' from the items their steps fed."""
     if arm.qtuning:
         rows = [s for s in res["selections"] if s["step"] <= up_to_step]
-        if not rows:  # the mixin has no selection hook
-            return {"tokens": float("nan"), "bad_token_share": float("nan")}
         total, bad = sum(s["tokens"] for s in rows), sum(s["bad_tokens"] for s in rows)
     else:
         items = [i for batch in res["step_batches"][:up_to_step] for i in batch]
@@ -388,23 +394,41 @@ def run_task(noise: float, seed: int, name: str, budget_cpu_s: float | None, mod
     return out
 
 
-def run_all(model_dir: str, arms: list[str], levels, seeds: int, steps: int, n_test: int, n_loss: int,
-            jobs: int) -> list[dict]:
-    """Full-data SFT at every level and seed first (its time is the equal-time budget), then every
-    other arm; ``jobs`` processes at a time. Units: ``{"noise", "seed", "arms": {arm: result}}``."""
+def run_all(model_dir: str, arms: list[str], clean_arms: list[str], levels, seeds: int, steps: int, n_test: int,
+            n_loss: int, jobs: int, log_path: pathlib.Path) -> list[dict]:
+    """Full-data SFT at every level and seed first (its time is the equal-time budget), then the
+    other arms in `ARMS` order, each at every level and seed; ``jobs`` processes at a time. Every
+    finished run is appended to ``log_path`` (JSON lines), so that an interrupted track can be
+    summarised (``--summarize``)."""
     common = (model_dir, steps, steps * STEP_SAMPLES, n_test, n_loss)
     units = [(noise, seed) for noise in levels for seed in range(seeds)]
-    # oracle_clean keeps every sample without noise: it is full-data SFT there, not run twice.
-    tasks = {unit: [a for a in arms if a != "full" and not (a == "oracle_clean" and unit[0] == 0)] for unit in units}
+    results = []
+
+    def done(result: dict) -> dict:
+        result["logged_at"] = time.time()
+        results.append(result)
+        with log_path.open("a") as log:
+            log.write(json.dumps(result) + "\n")
+        return result
+
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         full = {unit: pool.submit(run_task, *unit, "full", None, *common) for unit in units}
-        full = {unit: future.result() for unit, future in full.items()}
-        rest = {(unit, arm): pool.submit(run_task, *unit, arm, full[unit]["train_cpu_s"], *common)
-                for unit in units for arm in tasks[unit]}
-        rest = {key: future.result() for key, future in rest.items()}
-    return [{"noise": unit[0], "seed": unit[1], "kinds": full[unit]["kinds"],
-             "arms": {"full": full[unit], **{arm: rest[unit, arm] for arm in tasks[unit]}}} for unit in units]
+        budgets = {unit: done(future.result())["train_cpu_s"] for unit, future in full.items()}
+        rest = [pool.submit(run_task, *unit, arm, budgets[unit], *common) for arm in ARMS for unit in units
+                if arm != "full" and arm in (clean_arms if unit[0] == 0 else arms)]
+        for future in concurrent.futures.as_completed(rest):
+            done(future.result())
+    return group_units(results)
+
+
+def group_units(results: list[dict]) -> list[dict]:
+    """Runs grouped by noise level and seed: ``{"noise", "seed", "kinds", "arms": {arm: run}}``."""
+    units: dict = {}
+    for r in results:
+        unit = units.setdefault((r["noise"], r["seed"]), {"noise": r["noise"], "seed": r["seed"], "kinds": r["kinds"], "arms": {}})
+        unit["arms"][r["arm"]] = r
+    return [units[key] for key in sorted(units)]
 
 
 # ----------------------------------------------------------------------------- summary
@@ -506,14 +530,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 30%% noise, 2 steps, 12 test problems: the smoke test")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help=f"full-data SFT's optimizer steps (default {STEPS})")
-    parser.add_argument("--jobs", type=int, default=2, help="units (noise level x seed) run at once, one process each")
+    parser.add_argument("--test", type=int, default=None, help=f"held-out problems graded (default {N_TEST}; --quick 12)")
+    parser.add_argument("--jobs", type=int, default=2, help="training runs at once, one process (one torch thread) each")
     parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--clean-arms", default=",".join(CLEAN_ARMS), help="the arms run without noise")
     parser.add_argument("--out", default=str(HERE))
+    parser.add_argument("--summarize", action="store_true",
+                        help="no training: summarise the runs a track (perhaps interrupted) logged in --out")
     args = parser.parse_args()
-    arms = args.arms.split(",")
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown or "full" not in arms:
-        parser.error(f"--arms: unknown {unknown}; choose from {list(ARMS)}, full included")
+    arms, clean_arms = args.arms.split(","), args.clean_arms.split(",")
+    for key, chosen in (("--arms", arms), ("--clean-arms", clean_arms)):
+        unknown = [a for a in chosen if a not in ARMS]
+        if unknown or "full" not in chosen:
+            parser.error(f"{key}: unknown {unknown}; choose from {list(ARMS)}, full included")
+    if "oracle_clean" in clean_arms:
+        parser.error("--clean-arms: oracle_clean keeps every sample without noise (it is full-data SFT there)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -521,7 +552,7 @@ def main() -> None:
     import figures
 
     t0 = time.time()
-    if args.model is None:
+    if args.model is None and not args.summarize:
         try:
             from qtuning_plugin.smollm2 import ensure_model
         except ImportError:
@@ -530,36 +561,45 @@ def main() -> None:
     steps = args.steps or (2 if args.quick else STEPS)
     seeds = args.seeds or (1 if args.quick else SEEDS)
     levels = (0.3,) if args.quick else NOISE_LEVELS
-    n_test, n_loss = (12, 12) if args.quick else (N_TEST, N_LOSS)
+    n_test = args.test or (12 if args.quick else N_TEST)
+    n_loss = min(n_test, N_LOSS)
     n_train = steps * STEP_SAMPLES
 
     test, _, _ = splits(n_train, n_test, 0)
-    model, tokenizer = load_model(args.model, lora=False)
-    base = evaluate(model, tokenizer, test, n_loss)
-    del model
-    print(f"[{time.time() - t0:6.0f}s] base model: exact match {base['acc']:.1f}%, held-out loss {base['loss']:.3f}; "
-          f"e.g. {base['samples'][0]!r}", flush=True)
-    units = run_all(args.model, arms, levels, seeds, steps, n_test, n_loss, args.jobs)
+    out = pathlib.Path(args.out)
+    suffix = "_quick" if args.quick else ""
+    log_path = out / f"results_real{suffix}_runs.jsonl"
+    if args.summarize:  # a track run before (perhaps interrupted): its base line and runs
+        lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+        base, units = lines[0]["base"], group_units(lines[1:])
+        t0 = lines[0]["started_at"]
+    else:
+        model, tokenizer = load_model(args.model, lora=False)
+        base = evaluate(model, tokenizer, test, n_loss)
+        del model
+        print(f"[{time.time() - t0:6.0f}s] base model: exact match {base['acc']:.1f}%, held-out loss {base['loss']:.3f}; "
+              f"e.g. {base['samples'][0]!r}", flush=True)
+        log_path.write_text(json.dumps({"base": base, "started_at": t0}) + "\n")
+        units = run_all(args.model, arms, clean_arms, levels, seeds, steps, n_test, n_loss, args.jobs, log_path)
     summary = summarize(units, arms)
     costs = step_costs(units, arms)
     tabs = tables(summary, arms, base, costs)
     for title, table in tabs.items():
         print(f"\n{title}\n{table}")
-    out = pathlib.Path(args.out)
-    suffix = "_quick" if args.quick else ""
     plane = next((u["arms"]["qtuning_25x50"]["eu_plane"] for u in units
                   if u["noise"] == max(levels) and u["seed"] == 0 and "qtuning_25x50" in u["arms"]), None)
-    figures.plot_real(summary, arms, base["acc"], plane, out / f"quality_real{suffix}.png")
+    title = f"SmolLM2-135M-Instruct, {'LoRA' if FINETUNE == 'lora' else 'full fine-tuning'}, {steps} steps"
+    figures.plot_real(summary, arms, base["acc"], plane, title, out / f"quality_real{suffix}.png")
     accuracy = {f"{level}/{budget}": {arm: round(r["acc_mean"], 2) for arm, r in by_arm.items()}
                 for level, by_budget in summary.items() for budget, by_arm in by_budget.items()}
-    total = time.time() - t0
+    total = (max(r["logged_at"] for u in units for r in u["arms"].values()) if args.summarize else time.time()) - t0
     result = {"unit": "% held-out exact match", "accuracy": accuracy, "base_accuracy": round(base["acc"], 2),
               "step_cost_vs_full": costs, "sft_steps": steps, "seeds": seeds, "quick": args.quick,
               "total_wall_s": round(total, 1)}
     (out / f"results_real{suffix}.json").write_text(json.dumps({
         **result, "versions": versions(), "settings": {
-            "micro_batch": MICRO_BATCH, "grad_accum": GRAD_ACCUM, "lora": LORA, "lr": LR, "schedule": "constant_with_warmup",
-            "warmup_steps": WARMUP_STEPS, "n_train": n_train, "n_test": n_test, "n_loss": n_loss, "system_prompt": SYSTEM,
+            "micro_batch": MICRO_BATCH, "grad_accum": GRAD_ACCUM, "lora": LORA if FINETUNE == "lora" else None, "lr": LR[FINETUNE], "schedule": "constant_with_warmup",
+            "warmup_steps": WARMUP_STEPS, "finetune": FINETUNE, "clean_arms": clean_arms, "n_train": n_train, "n_test": n_test, "n_loss": n_loss, "system_prompt": SYSTEM,
             "max_new_tokens": MAX_NEW_TOKENS, "noise_levels": list(levels), "jobs": args.jobs},
         "base": base, "summary": summary, "tables": tabs,
         "units": [{**u, "arms": {a: {k: v for k, v in r.items() if k != "eu_plane"} for a, r in u["arms"].items()}}
