@@ -594,7 +594,7 @@ def main() -> None:
                 for level, by_budget in summary.items() for budget, by_arm in by_budget.items()}
     total = (max(r["logged_at"] for u in units for r in u["arms"].values()) if args.summarize else time.time()) - t0
     result = {"unit": "% held-out exact match", "accuracy": accuracy, "base_accuracy": round(base["acc"], 2),
-              "step_cost_vs_full": costs, "sft_steps": steps, "seeds": seeds, "quick": args.quick,
+              "step_cost_vs_full": costs, "sft_steps": steps, "seeds": len({u["seed"] for u in units}), "quick": args.quick,
               "total_wall_s": round(total, 1)}
     (out / f"results_real{suffix}.json").write_text(json.dumps({
         **result, "versions": versions(), "settings": {
