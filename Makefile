@@ -20,8 +20,9 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 setup:
 	bash scripts/setup_venv.sh
 
+# QTUNING_REAL_SMOKE: the quality benchmark's real-model smoke test runs in this environment only.
 test: setup
-	.venv/bin/python -m pytest -q tests integration_tests
+	QTUNING_REAL_SMOKE=1 .venv/bin/python -m pytest -q tests integration_tests
 
 test-latest:
 	bash scripts/latest-env.sh run python -m pytest -q tests integration_tests

@@ -23,6 +23,9 @@ STYLE = {  # arm: (colour, line style, marker)
     "triage_only_25": ("#9467bd", "-.", "P"),
     "oracle_clean": ("#555555", ":", "*"),
     "oracle_25": ("#ff7f0e", ":", "X"),
+    # the real-model track (real.py)
+    "qtuning_25x50": ("#08306b", "-", "d"),
+    "reversed_25x50": ("#d62728", "-.", "^"),
 }
 
 
@@ -32,7 +35,7 @@ def _style(arm: str) -> tuple[str, str, str]:
 
 def _width(arm: str) -> float:
     """Line width: the two arms the comparison is about stand out."""
-    return 2.5 if arm in ("full", "qtuning_25x70") else 1.5
+    return 2.5 if arm in ("full", "qtuning_25x70", "qtuning_25x50") else 1.5
 
 
 def _save_with_legend_below(fig, ax, ncol: int, legend_height: float, out_path) -> None:
@@ -44,10 +47,9 @@ def _save_with_legend_below(fig, ax, ncol: int, legend_height: float, out_path) 
     plt.close(fig)
 
 
-def plot_arms(cond_summary: dict, arms: list[str], plane, pre_acc: float, title: str, out_path) -> None:
-    """Left: accuracy per arm at equal steps and at equal training time. Right: the EU plane of the SFT set before SFT."""
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    ax = axes[0]
+def _accuracy_bars(ax, cond_summary: dict, arms: list[str]) -> None:
+    """Per arm, a bar at equal steps and a lighter one at equal time (mean ± std, seeds as dots);
+    the oracles hatched. ``cond_summary``: budget -> arm -> ``acc_mean``, ``acc_std``, ``acc``."""
     width = 0.4
     for budget, offset, alpha in (("equal_steps", -width / 2, 1.0), ("equal_time", width / 2, 0.45)):
         by_arm = cond_summary.get(budget, {})
@@ -63,6 +65,13 @@ def plot_arms(cond_summary: dict, arms: list[str], plane, pre_acc: float, title:
                 bar.set_hatch("//")
         for x, arm in zip(xs, present):
             ax.plot([x] * len(by_arm[arm]["acc"]), by_arm[arm]["acc"], "k.", ms=4)
+
+
+def plot_arms(cond_summary: dict, arms: list[str], plane, pre_acc: float, title: str, out_path) -> None:
+    """Left: accuracy per arm at equal steps and at equal training time. Right: the EU plane of the SFT set before SFT."""
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    ax = axes[0]
+    _accuracy_bars(ax, cond_summary, arms)
     ax.axhline(pre_acc, ls="--", c="k", lw=0.8, label="before SFT")
     ax.set_xticks(range(len(arms)), arms, rotation=25, ha="right")
     ax.set_ylabel("held-out exact match (%)")
@@ -143,3 +152,36 @@ def plot_noise(summary: dict, grid: dict, arms: list[str], pre_acc: float, out_p
         ax.set_title(f"noise kind '{kind}': mean ± std over seeds", fontsize=9)
         ax.grid(alpha=0.3)
     _save_with_legend_below(fig, axes[0][0], 5, 0.1, out_path)
+
+
+KIND_COLOURS = {"clean": "#1f77b4", "wrong_number": "#ff7f0e", "mismatched": "#d62728", "truncated": "#9467bd",
+                "off_topic": "#8c564b"}
+
+
+def plot_real(summary: dict, arms: list[str], base_acc: float, plane, title: str, out_path) -> None:
+    """The real-model track (real.py). One panel per noise level: exact match per arm at equal steps
+    and at equal training time (mean ± std, seeds as dots). Last panel: ``plane``, the (PPL, Ent,
+    kind) of the samples that Q-Tuning 25% x 50% triaged during its equal-step run."""
+    levels = list(summary)
+    fig, axes = plt.subplots(1, len(levels) + (plane is not None), figsize=(6.5 * (len(levels) + 1), 5), squeeze=False)
+    for ax, level in zip(axes[0], levels):
+        _accuracy_bars(ax, summary[level], arms)
+        ax.axhline(base_acc, ls="--", c="k", lw=0.8, label="base model (no training)")
+        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("held-out exact match (%)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{title}, {level} corrupted responses", fontsize=9)
+        ax.legend(loc="lower left", fontsize=7)
+    if plane is not None:
+        ax = axes[0][-1]
+        for kind, colour in KIND_COLOURS.items():
+            points = [(ppl, ent) for ppl, ent, k in plane if k == kind and math.isfinite(ppl)]
+            if points:
+                ax.scatter([math.log(p) for p, _ in points], [e for _, e in points], s=8, alpha=0.6, c=colour, label=kind)
+        ax.set_xlabel("log PPL (error)")
+        ax.set_ylabel("mean entropy, nats (uncertainty)")
+        ax.set_title(f"EU plane of the samples Q-Tuning 25% x 50% triaged ({levels[-1]}, seed 0)", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
