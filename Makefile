@@ -3,7 +3,8 @@
 #                  without the `axolotl train` subprocess runs of integration_tests/
 # make test-latest : the same suite on the newest Axolotl (0.21.0, Python 3.13), in the Debian
 #                    trixie root of scripts/latest-env.sh (built and cached on first use; needs root)
-# make demo : set up .venv and train the tiny CPU example end to end with `axolotl train`
+# make demo : set up .venv, make the SmolLM2-135M-Instruct folder (once, offline from any model hub)
+#             and train it with Q-Tuning: `axolotl train examples/smollm2-135m-qtuning.yml` (CPU)
 # make mutation : plant the bugs of scripts/mutants.toml one at a time; every one must be caught
 .PHONY: setup test test-latest test-fast demo bench mutation
 
@@ -25,9 +26,15 @@ test-latest:
 test-fast: setup
 	.venv/bin/python -m pytest -q tests
 
+DEMO_OUT := outputs/smollm2-135m-qtuning
+
 demo: setup
-	.venv/bin/qtuning-build-tiny examples/tiny-model
-	.venv/bin/axolotl train examples/tiny-cpu-qtuning.yml
+	.venv/bin/qtuning-fetch-smollm2 examples/smollm2-135m-instruct
+	.venv/bin/axolotl train examples/smollm2-135m-qtuning.yml
+	@echo
+	@echo "demo: the EU plane of the trained samples:  $(CURDIR)/$(DEMO_OUT)/qtuning_eu_plane.png"
+	@echo "demo: the quadrants of each optimizer step: $(CURDIR)/$(DEMO_OUT)/qtuning_quadrant_fractions.png"
+	@echo "demo: the LoRA adapter: $(CURDIR)/$(DEMO_OUT)/adapter_model.safetensors"
 
 mutation: setup
 	.venv/bin/python scripts/mutation.py
