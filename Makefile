@@ -7,7 +7,8 @@
 #                    (.venv-newest, scripts/setup_venv.sh newest)
 # make test-llamafactory : the LLaMA-Factory tests (llamafactory_tests/) on LLaMA-Factory 0.9.5, Python 3.11,
 #                         in the environment of scripts/llamafactory-env.sh (built and cached on first use)
-# make demo : set up .venv and train the tiny CPU example end to end with `axolotl train`
+# make demo : set up .venv, make the SmolLM2-135M-Instruct folder (once, offline from any model hub)
+#             and train it with Q-Tuning: `axolotl train examples/smollm2-135m-qtuning.yml` (CPU)
 # make mutation : plant the bugs of scripts/mutants.toml one at a time; every one must be caught
 .PHONY: setup test test-latest test-newest test-llamafactory test-fast demo bench mutation
 
@@ -37,9 +38,15 @@ test-llamafactory:
 test-fast: setup
 	.venv/bin/python -m pytest -q tests
 
+DEMO_OUT := outputs/smollm2-135m-qtuning
+
 demo: setup
-	.venv/bin/qtuning-build-tiny examples/tiny-model
-	.venv/bin/axolotl train examples/tiny-cpu-qtuning.yml
+	.venv/bin/qtuning-fetch-smollm2 examples/smollm2-135m-instruct
+	.venv/bin/axolotl train examples/smollm2-135m-qtuning.yml
+	@echo
+	@echo "demo: the EU plane of the trained samples:  $(CURDIR)/$(DEMO_OUT)/qtuning_eu_plane.png"
+	@echo "demo: the quadrants of each optimizer step: $(CURDIR)/$(DEMO_OUT)/qtuning_quadrant_fractions.png"
+	@echo "demo: the LoRA adapter: $(CURDIR)/$(DEMO_OUT)/adapter_model.safetensors"
 
 mutation: setup
 	.venv/bin/python scripts/mutation.py

@@ -3,10 +3,11 @@
 (Not a conftest.py: `tests/` imports its own `conftest` by name, and a second
 module of that name here would shadow it when both folders are collected.)
 
-Each run gets a config derived from ``examples/tiny-cpu-qtuning.yml`` (base
-model, output and dataset-cache folders pointed into pytest's tmp dir, fewer
-steps) and runs ``python -m axolotl.cli.main train CONFIG`` with the current
-interpreter, from the tmp dir, with the hub and telemetry off.
+Each run gets a config derived from an example (``examples/tiny-cpu-qtuning.yml``
+or ``examples/smollm2-135m-qtuning.yml``: base model, output and dataset-cache
+folders pointed into pytest's tmp dir, the shipped datasets by absolute path,
+fewer steps) and runs ``python -m axolotl.cli.main train CONFIG`` with the
+current interpreter, from the tmp dir, with the hub and telemetry off.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-EXAMPLE = REPO / "examples" / "tiny-cpu-qtuning.yml"
+EXAMPLES = REPO / "examples"
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -51,25 +52,29 @@ def deep_update(base: dict, overrides: dict) -> dict:
     return out
 
 
-def tiny_config(workdir: Path, base_model: Any, *, steps: int = 10, **overrides: Any) -> Path:
-    """Write a config derived from the tiny CPU example into ``workdir``; return its path.
+def example_config(example: str, workdir: Path, base_model: Any, *, steps: int = 10, **overrides: Any) -> Path:
+    """Write a config derived from ``examples/EXAMPLE`` into ``workdir``; return its path.
 
     ``steps`` sets max_steps, and save/eval at the last step, so that
     ``output_dir/checkpoint-<steps>/trainer_state.json`` holds the whole log.
     """
-    from qtuning_plugin.tiny import dataset_path
+    from qtuning_plugin.example_files import localise
 
-    cfg = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    cfg = yaml.safe_load(localise((EXAMPLES / example).read_text(encoding="utf-8"), workdir))
     cfg["base_model"] = str(base_model)
     cfg["output_dir"] = str(workdir / "out")
     cfg["dataset_prepared_path"] = str(workdir / "prepared")
-    cfg["datasets"][0]["path"] = str(dataset_path())
     cfg.update(max_steps=steps, save_steps=steps, eval_steps=steps)
     cfg = deep_update(cfg, overrides)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
+
+
+def tiny_config(workdir: Path, base_model: Any, *, steps: int = 10, **overrides: Any) -> Path:
+    """A config derived from the tiny CPU example (see `example_config`)."""
+    return example_config("tiny-cpu-qtuning.yml", workdir, base_model, steps=steps, **overrides)
 
 
 @dataclass

@@ -21,6 +21,10 @@ The integration tests add ``qtuning_probe.ProbePlugin`` to a config's
 
 In a multi-process run each rank writes ``qtuning_probe.rank<RANK>.json``.
 
+``qtuning_probe.SeedPlugin`` seeds torch with the config's ``seed`` before the model loads, so
+that the LoRA weights start the same in every run: torch >= 2.13 seeds its generator at random
+when it starts, and Axolotl seeds only the trainer, which it builds after the adapters.
+
 ``qtuning_probe.CpuRanksPlugin`` sets ``use_cpu`` in the training arguments, which
 Axolotl's config has no key for: DeepSpeed on several CPU processes needs it (see
 ``test_axolotl_deepspeed.py``).
@@ -123,6 +127,11 @@ class ProbePlugin(BasePlugin):
             for name, value in after.items()
         }
         self._write(cfg)
+
+
+class SeedPlugin(BasePlugin):
+    def pre_model_load(self, cfg) -> None:
+        torch.manual_seed(cfg.seed)
 
 
 class CpuRanksPlugin(BasePlugin):

@@ -28,8 +28,9 @@ import argparse
 import importlib.util
 import json
 import pathlib
-from importlib import resources
 from typing import Iterator, Optional, Sequence, Union
+
+from qtuning_plugin import example_files
 
 # Bump when the tokenizer, the model shape or the dataset changes: older folders get rebuilt.
 BUILDER_VERSION = 1
@@ -66,7 +67,7 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeniz
 
 def dataset_path() -> pathlib.Path:
     """The shipped instruction dataset (JSON lines, ``messages: [{role, content}, ...]``)."""
-    return pathlib.Path(str(resources.files("qtuning_plugin") / "data" / DATASET))
+    return example_files.dataset_path(DATASET)
 
 
 def _training_text() -> Iterator[str]:

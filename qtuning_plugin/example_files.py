@@ -1,0 +1,56 @@
+"""The example configs and datasets shipped in the package, and `axolotl qtuning examples DIR`.
+
+The configs live once, in the repository's ``examples/`` (the package reaches them through the
+link ``qtuning_plugin/examples``); the datasets in ``qtuning_plugin/data/``. In the repository
+their paths are relative to its root (``base_model: examples/smollm2-135m-instruct``,
+``path: qtuning_plugin/data/smollm2_instruct.jsonl``). `write_examples` writes copies whose
+paths are absolute, so that they work from wherever they are run:
+
+* ``examples/NAME`` becomes ``DIR/NAME``: the model folders sit next to the configs
+  (``axolotl qtuning fetch-smollm2 DIR/smollm2-135m-instruct``);
+* ``qtuning_plugin/data/FILE`` becomes the installed package's copy of FILE.
+
+Comments change the same way, so the commands they quote stay right.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Union
+
+REPO_EXAMPLES = "examples/"
+REPO_DATA = "qtuning_plugin/data/"
+
+
+def package_dir(name: str) -> Path:
+    """A folder of the installed package: ``data`` or ``examples``."""
+    return Path(str(resources.files("qtuning_plugin") / name))
+
+
+def dataset_path(name: str) -> Path:
+    """A dataset shipped in ``qtuning_plugin/data/``."""
+    return package_dir("data") / name
+
+
+def example_configs() -> list[Path]:
+    """The shipped example configs (``*.yml``), by name."""
+    return sorted(package_dir("examples").glob("*.yml"))
+
+
+def localise(text: str, target: Path) -> str:
+    """An example config's text with the repository-relative paths made absolute for ``target``."""
+    text = text.replace(REPO_DATA, f"{package_dir('data').resolve()}/")
+    return text.replace(REPO_EXAMPLES, f"{target}/")
+
+
+def write_examples(target: Union[str, Path]) -> list[Path]:
+    """Write every example config into ``target`` (made if missing) with absolute paths; their paths."""
+    target = Path(target).expanduser().resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for config in example_configs():
+        path = target / config.name
+        path.write_text(localise(config.read_text(encoding="utf-8"), target), encoding="utf-8")
+        written.append(path)
+    return written
