@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import yaml
 
 from qtuning_plugin.example_files import dataset_path, example_configs, write_examples
@@ -55,6 +56,7 @@ def test_written_examples_point_at_the_model_folder_beside_them_and_the_shipped_
         assert "examples/" not in path.read_text(encoding="utf-8").replace(f"{target}/", ""), path.name
 
 
+@pytest.mark.axolotl
 def test_axolotl_qtuning_examples_writes_them(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "axolotl.cli.main", "qtuning", "examples", str(tmp_path / "ex")],

@@ -395,14 +395,18 @@ def run_task(noise: float, seed: int, name: str, budget_cpu_s: float | None, mod
 
 
 def run_all(model_dir: str, arms: list[str], clean_arms: list[str], levels, seeds: int, steps: int, n_test: int,
-            n_loss: int, jobs: int, log_path: pathlib.Path) -> list[dict]:
+            n_loss: int, jobs: int, log_path: pathlib.Path, finished: list[dict] = (),
+            one_seed_arms: frozenset = frozenset()) -> list[dict]:
     """Full-data SFT at every level and seed first (its time is the equal-time budget), then the
-    other arms in `ARMS` order, each at every level and seed; ``jobs`` processes at a time. Every
-    finished run is appended to ``log_path`` (JSON lines), so that an interrupted track can be
-    summarised (``--summarize``)."""
+    other arms in `ARMS` order, each at every level and seed (``one_seed_arms``: seed 0 only);
+    ``jobs`` processes at a time. Every finished run is appended to ``log_path`` (JSON lines), so
+    that an interrupted track can be summarised (``--summarize``) or resumed: the runs in
+    ``finished`` (read from that log) are not run again, and their full-data SFT times stay the
+    budgets."""
     common = (model_dir, steps, steps * STEP_SAMPLES, n_test, n_loss)
     units = [(noise, seed) for noise in levels for seed in range(seeds)]
-    results = []
+    have = {(r["arm"], r["noise"], r["seed"]): r for r in finished}
+    results = list(finished)
 
     def done(result: dict) -> dict:
         result["logged_at"] = time.time()
@@ -413,10 +417,12 @@ def run_all(model_dir: str, arms: list[str], clean_arms: list[str], levels, seed
 
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        full = {unit: pool.submit(run_task, *unit, "full", None, *common) for unit in units}
-        budgets = {unit: done(future.result())["train_cpu_s"] for unit, future in full.items()}
+        full = {unit: pool.submit(run_task, *unit, "full", None, *common) for unit in units if ("full", *unit) not in have}
+        budgets = {unit: (have[("full", *unit)] if ("full", *unit) in have else done(full[unit].result()))["train_cpu_s"]
+                   for unit in units}
         rest = [pool.submit(run_task, *unit, arm, budgets[unit], *common) for arm in ARMS for unit in units
-                if arm != "full" and arm in (clean_arms if unit[0] == 0 else arms)]
+                if arm != "full" and arm in (clean_arms if unit[0] == 0 else arms) and (arm, *unit) not in have
+                and not (arm in one_seed_arms and unit[1] > 0)]
         for future in concurrent.futures.as_completed(rest):
             done(future.result())
     return group_units(results)
@@ -535,13 +541,17 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--clean-arms", default=",".join(CLEAN_ARMS), help="the arms run without noise")
     parser.add_argument("--out", default=str(HERE))
+    parser.add_argument("--one-seed-arms", default="", help="arms run at seed 0 only (comma-separated)")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with the track logged in --out: its base line and finished runs are kept, not rerun")
     parser.add_argument("--summarize", action="store_true",
                         help="no training: summarise the runs a track (perhaps interrupted) logged in --out")
     args = parser.parse_args()
     arms, clean_arms = args.arms.split(","), args.clean_arms.split(",")
-    for key, chosen in (("--arms", arms), ("--clean-arms", clean_arms)):
+    one_seed_arms = frozenset(filter(None, args.one_seed_arms.split(",")))
+    for key, chosen in (("--arms", arms), ("--clean-arms", clean_arms), ("--one-seed-arms", one_seed_arms)):
         unknown = [a for a in chosen if a not in ARMS]
-        if unknown or "full" not in chosen:
+        if unknown or ("full" not in chosen) != (key == "--one-seed-arms"):
             parser.error(f"{key}: unknown {unknown}; choose from {list(ARMS)}, full included")
     if "oracle_clean" in clean_arms:
         parser.error("--clean-arms: oracle_clean keeps every sample without noise (it is full-data SFT there)")
@@ -573,6 +583,13 @@ def main() -> None:
         lines = [json.loads(line) for line in log_path.read_text().splitlines()]
         base, units = lines[0]["base"], group_units(lines[1:])
         t0 = lines[0]["started_at"]
+    elif args.resume:
+        lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+        base = lines[0]["base"]
+        print(f"resuming {log_path}: {len(lines) - 1} finished runs kept", flush=True)
+        units = run_all(args.model, arms, clean_arms, levels, seeds, steps, n_test, n_loss, args.jobs, log_path,
+                        lines[1:], one_seed_arms)
+        t0 = lines[0]["started_at"]
     else:
         model, tokenizer = load_model(args.model, lora=False)
         base = evaluate(model, tokenizer, test, n_loss)
@@ -580,7 +597,8 @@ def main() -> None:
         print(f"[{time.time() - t0:6.0f}s] base model: exact match {base['acc']:.1f}%, held-out loss {base['loss']:.3f}; "
               f"e.g. {base['samples'][0]!r}", flush=True)
         log_path.write_text(json.dumps({"base": base, "started_at": t0}) + "\n")
-        units = run_all(args.model, arms, clean_arms, levels, seeds, steps, n_test, n_loss, args.jobs, log_path)
+        units = run_all(args.model, arms, clean_arms, levels, seeds, steps, n_test, n_loss, args.jobs, log_path,
+                        one_seed_arms=one_seed_arms)
     summary = summarize(units, arms)
     costs = step_costs(units, arms)
     tabs = tables(summary, arms, base, costs)
