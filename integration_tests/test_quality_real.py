@@ -21,9 +21,9 @@ import pytest
 pytestmark = pytest.mark.integration
 
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "real.py"
-PRUNED = {"random_25", "qtuning_25x50", "qtuning_12.5x50", "qtuning_25x70", "triage_only_25", "reversed_25x50",
-          "oracle_clean"}
-QTUNING = {"qtuning_25x50", "qtuning_12.5x50", "qtuning_25x70", "triage_only_25", "reversed_25x50"}
+# --quick runs real.QUICK_ARMS: full-data SFT and one arm of each other plan (random, Q-Tuning, oracle).
+PRUNED = {"random_25", "qtuning_25x50", "oracle_clean"}
+QTUNING = {"qtuning_25x50"}
 
 
 def model_dir() -> Path:

@@ -102,6 +102,9 @@ ARMS = {  # in the order they run: the main comparison first, the ablations and 
     "qtuning_12.5x50": Arm(qtuning=dict(sample_keep_ratio=0.125, token_keep_ratio=0.5)),
     "qtuning_25x70": Arm(qtuning=dict(sample_keep_ratio=0.25, token_keep_ratio=0.7)),
 }
+# The smoke test's arms: plain SFT and one arm of each other kind of plan (random, Q-Tuning, oracle);
+# the other Q-Tuning arms differ from qtuning_25x50 in their QTuningConfig only.
+QUICK_ARMS = ("full", "random_25", "qtuning_25x50", "oracle_clean")
 KINDS = ("clean",) + mathdata.CORRUPTIONS
 # Without noise, the arms that ask whether pruning hurts clean data (the others ask about noise).
 CLEAN_ARMS = ("full", "random_25", "qtuning_25x50", "triage_only_25")
@@ -533,12 +536,13 @@ def versions() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="SmolLM2-135M-Instruct as a model folder (default: qtuning_plugin.smollm2's cached one)")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 30%% noise, 2 steps, 12 test problems: the smoke test")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 seed, 30%% noise, 2 steps, 12 test problems, the arms of QUICK_ARMS: the smoke test")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help=f"full-data SFT's optimizer steps (default {STEPS})")
     parser.add_argument("--test", type=int, default=None, help=f"held-out problems graded (default {N_TEST}; --quick 12)")
     parser.add_argument("--jobs", type=int, default=2, help="training runs at once, one process (one torch thread) each")
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", default=None, help="default: every arm of ARMS (--quick: QUICK_ARMS)")
     parser.add_argument("--clean-arms", default=",".join(CLEAN_ARMS), help="the arms run without noise")
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--one-seed-arms", default="", help="arms run at seed 0 only (comma-separated)")
@@ -547,7 +551,8 @@ def main() -> None:
     parser.add_argument("--summarize", action="store_true",
                         help="no training: summarise the runs a track (perhaps interrupted) logged in --out")
     args = parser.parse_args()
-    arms, clean_arms = args.arms.split(","), args.clean_arms.split(",")
+    arms = (args.arms or ",".join(QUICK_ARMS if args.quick else ARMS)).split(",")
+    clean_arms = args.clean_arms.split(",")
     one_seed_arms = frozenset(filter(None, args.one_seed_arms.split(",")))
     for key, chosen in (("--arms", arms), ("--clean-arms", clean_arms), ("--one-seed-arms", one_seed_arms)):
         unknown = [a for a in chosen if a not in ARMS]
