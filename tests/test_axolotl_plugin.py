@@ -236,8 +236,7 @@ def test_axolotl_validation_rejects_bad_values_naming_the_key(plugin_manager, se
         ("rl", "dpo", "rl: 'dpo': Q-Tuning is for supervised fine-tuning only"),
         ("orpo_alpha", 0.1, "orpo_alpha: 0.1: Q-Tuning is for supervised fine-tuning only"),
         ("context_parallel_size", 2, "context_parallel_size: 2: context/sequence parallelism splits each sample"),
-        # Axolotl 0.21 renames the deprecated key to context_parallel_size before plugins validate.
-        ("sequence_parallel_degree", 2, "(sequence_parallel_degree|context_parallel_size): 2: context/sequence parallelism"),
+        ("sequence_parallel_degree", 2, "sequence_parallel_degree: 2: context/sequence parallelism"),
     ],
 )
 def test_settings_qtuning_cannot_honour_are_refused_at_validation_by_name(plugin_manager, key, value, message):
@@ -245,6 +244,9 @@ def test_settings_qtuning_cannot_honour_are_refused_at_validation_by_name(plugin
     settings are accepted with `enabled: false`."""
     from axolotl.utils.config import validate_config
 
+    if key == "sequence_parallel_degree" and Version(axolotl.__version__) >= Version("0.21"):
+        # Axolotl 0.21 renames the deprecated key to context_parallel_size before plugins validate.
+        message = message.replace(key, "context_parallel_size")
     cfg = _tiny_cfg()
     cfg[key] = value
     with pytest.raises(Exception, match=message):
