@@ -556,8 +556,9 @@ def main() -> None:
     one_seed_arms = frozenset(filter(None, args.one_seed_arms.split(",")))
     for key, chosen in (("--arms", arms), ("--clean-arms", clean_arms), ("--one-seed-arms", one_seed_arms)):
         unknown = [a for a in chosen if a not in ARMS]
-        if unknown or ("full" not in chosen) != (key == "--one-seed-arms"):
-            parser.error(f"{key}: unknown {unknown}; choose from {list(ARMS)}, full included")
+        full_wanted = key != "--one-seed-arms"  # full-data SFT sets every unit's budget: it runs at every seed
+        if unknown or ("full" in chosen) != full_wanted:
+            parser.error(f"{key}: unknown {unknown}; choose from {list(ARMS)}, full {'included' if full_wanted else 'excluded'}")
     if "oracle_clean" in clean_arms:
         parser.error("--clean-arms: oracle_clean keeps every sample without noise (it is full-data SFT there)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -584,17 +585,15 @@ def main() -> None:
     out = pathlib.Path(args.out)
     suffix = "_quick" if args.quick else ""
     log_path = out / f"results_real{suffix}_runs.jsonl"
-    if args.summarize:  # a track run before (perhaps interrupted): its base line and runs
+    if args.summarize or args.resume:  # a track run before (perhaps interrupted): its base line and runs
         lines = [json.loads(line) for line in log_path.read_text().splitlines()]
-        base, units = lines[0]["base"], group_units(lines[1:])
-        t0 = lines[0]["started_at"]
-    elif args.resume:
-        lines = [json.loads(line) for line in log_path.read_text().splitlines()]
-        base = lines[0]["base"]
-        print(f"resuming {log_path}: {len(lines) - 1} finished runs kept", flush=True)
-        units = run_all(args.model, arms, clean_arms, levels, seeds, steps, n_test, n_loss, args.jobs, log_path,
-                        lines[1:], one_seed_arms)
-        t0 = lines[0]["started_at"]
+        base, t0, finished = lines[0]["base"], lines[0]["started_at"], lines[1:]
+        if args.summarize:
+            units = group_units(finished)
+        else:
+            print(f"resuming {log_path}: {len(finished)} finished runs kept", flush=True)
+            units = run_all(args.model, arms, clean_arms, levels, seeds, steps, n_test, n_loss, args.jobs, log_path,
+                            finished, one_seed_arms)
     else:
         model, tokenizer = load_model(args.model, lora=False)
         base = evaluate(model, tokenizer, test, n_loss)
