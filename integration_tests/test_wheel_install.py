@@ -35,9 +35,9 @@ def run(command: list, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """`pip wheel --no-deps` of the package sources: the package, the examples it links, pyproject, README, LICENSE."""
+    """`pip wheel --no-deps` of the package sources: the package, the examples it links, pyproject, READMEs, LICENSE."""
     source = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "README.md", "pypi-description.md", "LICENSE"):  # pypi-description.md: `readme`
         shutil.copy(REPO / name, source / name)
     shutil.copytree(REPO / "qtuning_plugin", source / "qtuning_plugin", symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
