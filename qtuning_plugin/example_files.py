@@ -1,4 +1,5 @@
-"""The example configs and datasets shipped in the package, and `axolotl qtuning examples DIR`.
+"""The example configs and datasets shipped in the package, and `axolotl qtuning examples DIR`
+(`qtuning-llamafactory examples DIR`: LLaMA-Factory's only).
 
 The configs live once, in the repository's ``examples/`` (the package reaches them through the
 link ``qtuning_plugin/examples``); the datasets in ``qtuning_plugin/data/``. In the repository
@@ -21,6 +22,8 @@ from typing import Union
 
 REPO_EXAMPLES = "examples/"
 REPO_DATA = "qtuning_plugin/data/"
+#: The example configs of each host, by file name: Axolotl's ``.yml``, LLaMA-Factory's ``.yaml``.
+AXOLOTL, LLAMAFACTORY = "*.yml", "*.yaml"
 
 
 def package_dir(name: str) -> Path:
@@ -33,9 +36,10 @@ def dataset_path(name: str) -> Path:
     return package_dir("data") / name
 
 
-def example_configs() -> list[Path]:
-    """The shipped example configs (``*.yml``), by name."""
-    return sorted(package_dir("examples").glob("*.yml"))
+def example_configs(*patterns: str) -> list[Path]:
+    """The shipped example configs matching ``patterns`` (default: every host's), by name."""
+    folder = package_dir("examples")
+    return sorted(path for pattern in patterns or (AXOLOTL, LLAMAFACTORY) for path in folder.glob(pattern))
 
 
 def localise(text: str, target: Path) -> str:
@@ -44,12 +48,13 @@ def localise(text: str, target: Path) -> str:
     return text.replace(REPO_EXAMPLES, f"{target}/")
 
 
-def write_examples(target: Union[str, Path]) -> list[Path]:
-    """Write every example config into ``target`` (made if missing) with absolute paths; their paths."""
+def write_examples(target: Union[str, Path], *patterns: str) -> list[Path]:
+    """Write the example configs matching ``patterns`` (default: all) into ``target`` (made if missing)
+    with absolute paths; their paths."""
     target = Path(target).expanduser().resolve()
     target.mkdir(parents=True, exist_ok=True)
     written = []
-    for config in example_configs():
+    for config in example_configs(*patterns):
         path = target / config.name
         path.write_text(localise(config.read_text(encoding="utf-8"), target), encoding="utf-8")
         written.append(path)

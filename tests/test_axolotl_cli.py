@@ -28,11 +28,18 @@ def test_a_config_without_a_qtuning_section_is_an_error(tmp_path):
     assert line.startswith("Error: ") and "has no `qtuning:` section" in line
 
 
-def test_an_invalid_qtuning_section_is_an_error(tmp_path):
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("sample_keep_ratio: 2.0", "qtuning.sample_keep_ratio: Input should be less than or equal to 1"),
+        ("sample_keep_rati: 0.3", "qtuning.sample_keep_rati: unknown key; the keys are enabled, sample_keep_ratio,"),
+    ],
+)
+def test_an_invalid_qtuning_section_is_an_error_naming_the_key(tmp_path, setting, message):
     config = tmp_path / "bad.yml"
-    config.write_text("base_model: some/model\nqtuning:\n  sample_keep_ratio: 2.0\n")
+    config.write_text(f"base_model: some/model\nqtuning:\n  {setting}\n")
     line = _one_line_error(CliRunner().invoke(qtuning, ["analyze", str(config)]), 1)
-    assert line.startswith("Error: invalid `qtuning:` section") and "sample_keep_ratio" in line
+    assert line.startswith("Error: invalid `qtuning:` section") and message in line, line
 
 
 def test_max_samples_must_be_positive(tmp_path):

@@ -25,6 +25,7 @@ LOADS_ENTRY_POINTS = Version(axolotl.__version__) >= Version("0.21")
 CONFIG_NAME = "qtuning_plugin.QTuningPlugin"  # what the README tells users to write
 MODULE_NAME = "qtuning_plugin.axolotl.plugin.QTuningPlugin"  # where the class lives
 EXAMPLES = REPO / "examples"
+PLUGIN_LINES = "Add these lines to the config:\n\nplugins:\n  - qtuning_plugin.QTuningPlugin\n"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -96,9 +97,12 @@ def test_each_way_of_naming_the_plugin_contributes_once(empty_plugin_manager, pl
     manager = empty_plugin_manager.get_instance()
     instances = [plugin for plugin in manager.plugins.values() if isinstance(plugin, QTuningPlugin)]
     if plugins is None and not LOADS_ENTRY_POINTS:
-        # 0.19 loads plugins from `plugins:` only, and drops the unknown `qtuning:` key
+        # 0.19 loads plugins from `plugins:` only, and would drop the `qtuning:` key: the package's
+        # pydantic plugin stops the validation instead (qtuning_plugin/axolotl/guard.py)
         assert instances == []
-        assert "qtuning" not in validate_config(cfg)
+        with pytest.raises(SystemExit) as stop:
+            validate_config(cfg)
+        assert PLUGIN_LINES in str(stop.value), stop.value
         return
     # one instance per name Axolotl registered; the entry point's name is the config name
     names = set(plugins or []) | ({CONFIG_NAME} if LOADS_ENTRY_POINTS else set())
@@ -110,6 +114,41 @@ def test_each_way_of_naming_the_plugin_contributes_once(empty_plugin_manager, pl
     assert validated.qtuning["sample_keep_ratio"] == 0.5
     assert manager.get_trainer_cls(validated) is AxolotlQTuningTrainer
     assert [plugin.get_training_args(validated) != {} for plugin in instances] == [True] + [False] * (len(instances) - 1)
+
+
+@pytest.mark.skipif(LOADS_ENTRY_POINTS, reason="0.21 loads the plugin without a `plugins:` line")
+@pytest.mark.parametrize(
+    "plugins, lines",
+    [
+        ([], PLUGIN_LINES),
+        # the other plugins stay (their fields merged in: a model of its own without `qtuning`); a
+        # misspelt name of ours, which 0.19 logs and skips, is replaced
+        (["axolotl.integrations.lm_eval.LMEvalPlugin", "qtuning_plugins.QTuningPlugin"],
+         "Add the plugin to the config's `plugins:` list:\n\nplugins:\n  - axolotl.integrations.lm_eval.LMEvalPlugin\n"
+         "  - qtuning_plugin.QTuningPlugin\n"),
+    ],
+    ids=["empty-list", "other-plugins"],
+)
+def test_a_qtuning_section_axolotl_would_ignore_stops_validation_with_the_lines_to_add(
+    empty_plugin_manager, plugins, lines
+):
+    from axolotl.utils.config import prepare_plugins, validate_config
+
+    cfg = _tiny_cfg(sample_keep_ratio=0.5)
+    cfg["plugins"] = plugins
+    prepare_plugins(cfg)
+    with pytest.raises(SystemExit) as stop:
+        validate_config(cfg)
+    assert "has not loaded the Q-Tuning plugin" in str(stop.value) and lines in str(stop.value), stop.value
+
+
+@pytest.mark.skipif(LOADS_ENTRY_POINTS, reason="0.21 loads the plugin without a `plugins:` line")
+def test_a_disabled_qtuning_section_without_the_plugin_validates(empty_plugin_manager):
+    from axolotl.utils.config import validate_config
+
+    cfg = _tiny_cfg(enabled=False)
+    del cfg["plugins"]
+    assert "qtuning" not in validate_config(cfg)
 
 
 def test_plugins_entry_that_cannot_be_imported(empty_plugin_manager):
@@ -217,7 +256,7 @@ def test_axolotl_validation_accepts_the_tiny_example(plugin_manager):
         ({"token_keep_ratio": -0.1}, "token_keep_ratio", "greater than 0"),
         ({"context_weight": 2.0}, "context_weight", "less than or equal to 1"),
         ({"scoring": "three_pass"}, "scoring", "two_pass"),
-        ({"samples_keep_ratio": 0.5}, "samples_keep_ratio", "Extra inputs are not permitted"),
+        ({"samples_keep_ratio": 0.5}, "samples_keep_ratio", "unknown key; the keys are enabled, sample_keep_ratio,"),
     ],
 )
 def test_axolotl_validation_rejects_bad_values_naming_the_key(plugin_manager, section, key, message):
@@ -364,7 +403,7 @@ def test_llama3_example_passes_axolotl_validation_offline(plugin_manager):
     assert cfg.adapter == "qlora" and cfg.load_in_4bit
     assert cfg.qtuning["sample_keep_ratio"] == 0.25 and cfg.qtuning["token_keep_ratio"] == 0.5
     assert cfg.learning_rate == 1e-4 and cfg.lora_r == 8 and cfg.num_epochs == 3
-    assert not cfg.sample_packing
+    assert cfg.sample_packing and cfg.pad_to_sequence_len and cfg.attn_implementation == "sdpa"
 
 
 def test_smollm2_example_passes_axolotl_validation_wherever_written(plugin_manager, tmp_path):

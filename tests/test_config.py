@@ -57,3 +57,26 @@ def test_describe_lists_every_setting():
 def test_triage_batch_size(scope, expected):
     """micro_batch_size 2, gradient_accumulation_steps 8, 4 ranks: the step scope triages all 64."""
     assert QTuningConfig(triage_scope=scope).triage_batch_size(2, 8, 4) == expected
+
+
+# Every key of the `qtuning:` section, in the order of the schema, written out here.
+KEYS = (
+    "enabled, sample_keep_ratio, token_keep_ratio, context_weight, prune_highest_scores, max_bisect_iters, "
+    "bisect_tolerance, triage_scope, scoring, warmup_steps, backend, chunk_size, plot_every_n_steps"
+)
+
+
+def test_a_section_is_validated_with_one_line_per_problem_naming_the_key():
+    """`validate_section`: what both Axolotl and LLaMA-Factory report for a bad `qtuning:` section."""
+    from qtuning_plugin.config import validate_section
+    from qtuning_plugin.rules import QTuningSettingsError
+
+    assert validate_section(None) == QTuningConfig()  # an empty section: every default
+    with pytest.raises(QTuningSettingsError) as info:
+        validate_section({"sample_keep_rati": 0.3, "token_keep_ratio": 2})
+    assert str(info.value).splitlines() == [
+        f"qtuning.sample_keep_rati: unknown key; the keys are {KEYS}",
+        "qtuning.token_keep_ratio: Input should be less than or equal to 1",
+    ]
+    with pytest.raises(QTuningSettingsError, match=r"^qtuning: expected a mapping of settings \(key: value\), got 0\.5$"):
+        validate_section(0.5)

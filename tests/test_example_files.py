@@ -19,12 +19,34 @@ REPO = Path(__file__).resolve().parents[1]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def repo_examples() -> list[Path]:
+    """The repository's example configs (not the model folders built next to them)."""
+    return sorted([*(REPO / "examples").glob("*.yml"), *(REPO / "examples").glob("*.yaml")])
+
+
 def test_the_package_ships_the_repository_examples():
-    """One home: the package's examples are the repository's examples/*.yml themselves."""
+    """One home: the package's examples are the repository's examples/*.yml and *.yaml themselves."""
     shipped = {path.name: path.read_bytes() for path in example_configs()}
-    in_repo = {path.name: path.read_bytes() for path in sorted((REPO / "examples").glob("*.yml"))}
-    assert shipped == in_repo
+    assert shipped == {path.name: path.read_bytes() for path in repo_examples()}
     assert {"smollm2-135m-qtuning.yml", "tiny-cpu-qtuning.yml", "llama3-qtuning.yml"} <= set(shipped)
+    assert "llamafactory-qtuning.yaml" in shipped
+
+
+# Words for a clone of the repository, wrong in a copy written by `axolotl qtuning examples DIR`.
+CLONE_ONLY = ("repository root", "repo root", "make demo", "relative to the repo")
+
+
+@pytest.mark.parametrize("config", repo_examples(), ids=lambda path: path.name)
+def test_each_example_says_how_to_get_and_run_it_and_nothing_only_a_clone_has(config, tmp_path):
+    (written,) = write_examples(tmp_path, config.name)
+    text = written.read_text(encoding="utf-8")
+    header = text[: text.index("\n\n")]  # the opening comment block
+    runner = "qtuning-llamafactory train" if config.suffix == ".yaml" else "axolotl train"
+    writer = "qtuning-llamafactory examples DIR" if config.suffix == ".yaml" else "axolotl qtuning examples DIR"
+    assert writer in header and f"{runner} DIR/{config.name}" in header, header
+    assert header.index(writer) < header.index(f"{runner} DIR/{config.name}")
+    lowered = text.lower()
+    assert not [words for words in CLONE_ONLY if words in lowered], text
 
 
 def local_paths(cfg: dict) -> list[str]:
@@ -54,6 +76,19 @@ def test_written_examples_point_at_the_model_folder_beside_them_and_the_shipped_
     assert f"qtuning-fetch-smollm2 {target}/smollm2-135m-instruct" in text
     for path in written:
         assert "examples/" not in path.read_text(encoding="utf-8").replace(f"{target}/", ""), path.name
+
+
+def test_qtuning_llamafactory_examples_writes_the_llamafactory_config_only(tmp_path):
+    """Without LLaMA-Factory (or Axolotl) installed: it only writes a file."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "qtuning_plugin.llamafactory", "examples", str(tmp_path / "ex")],
+        env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == f"wrote {tmp_path / 'ex' / 'llamafactory-qtuning.yaml'}\n"
+    written = yaml.safe_load((tmp_path / "ex" / "llamafactory-qtuning.yaml").read_text(encoding="utf-8"))
+    assert written["stage"] == "sft" and written["qtuning"]["sample_keep_ratio"] == 0.25
+    assert sorted(path.name for path in (tmp_path / "ex").iterdir()) == ["llamafactory-qtuning.yaml"]
 
 
 @pytest.mark.axolotl

@@ -12,7 +12,7 @@ import os
 from typing import Optional
 
 from qtuning_plugin.analyze import Analysis, AnalysisError, analyze_scores, score_dataset, write_outputs
-from qtuning_plugin.config import QTuningConfig
+from qtuning_plugin.config import QTuningConfig, validate_section
 
 
 def _one_line(error: Exception) -> str:
@@ -31,7 +31,7 @@ def load_qtuning_config(config_path: str) -> QTuningConfig:
             "to set the ratios to analyze at"
         )
     try:
-        return QTuningConfig.model_validate(raw["qtuning"] or {})
+        return validate_section(raw["qtuning"])
     except ValueError as error:
         raise AnalysisError(f"invalid `qtuning:` section: {_one_line(error)}") from None
 

