@@ -75,8 +75,8 @@ def test_a_section_is_validated_with_one_line_per_problem_naming_the_key():
     with pytest.raises(QTuningSettingsError) as info:
         validate_section({"sample_keep_rati": 0.3, "token_keep_ratio": 2})
     assert str(info.value).splitlines() == [
-        f"qtuning.sample_keep_rati: unknown key; the keys are {KEYS}",
         "qtuning.token_keep_ratio: Input should be less than or equal to 1",
+        f"qtuning.sample_keep_rati: unknown key; the keys are {KEYS}",
     ]
     with pytest.raises(QTuningSettingsError, match=r"^qtuning: expected a mapping of settings \(key: value\), got 0\.5$"):
         validate_section(0.5)
