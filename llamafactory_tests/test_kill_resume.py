@@ -1,5 +1,6 @@
 """``qtuning-llamafactory train`` killed with SIGKILL and resumed finishes as the uninterrupted run,
-and a checkpoint whose Q-Tuning state is cut short stops the resume with the plugin's message.
+and a checkpoint whose Q-Tuning state is cut short stops the resume with the plugin's message
+(about 50 seconds on 2 cores: 4 runs of the tiny model).
 
 A run that saves every step is killed at its third triage (``QTUNING_KILL_AT_SELECTION``, the
 probe in ``probe/sitecustomize.py``: after step 3's scoring pass, before its training pass) and
