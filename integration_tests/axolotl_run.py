@@ -129,3 +129,24 @@ def run_axolotl_train(
     seconds = time.monotonic() - start
     (config.parent / "axolotl.log").write_text(proc.stdout, encoding="utf-8")
     return Run(proc.returncode, proc.stdout, Path(cfg["output_dir"]), seconds)
+
+
+def qtuning_logs(trainer_state: dict) -> dict[int, dict]:
+    """The ``qtuning/`` metrics of each logged training step of a ``trainer_state.json``, by step."""
+    return {
+        entry["step"]: {key: value for key, value in entry.items() if key.startswith("qtuning/")}
+        for entry in trainer_state["log_history"]
+        if "loss" in entry
+    }
+
+
+def check_same_qtuning_metrics(expected_state: dict, got_state: dict, steps: int) -> None:
+    """Both trainer states log steps 1..``steps``, each with the same ``qtuning/`` metrics (to float32 noise)."""
+    import pytest
+
+    expected, got = qtuning_logs(expected_state), qtuning_logs(got_state)
+    assert sorted(got) == sorted(expected) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert expected[step] and expected[step].keys() == got[step].keys(), step
+        for key, value in expected[step].items():
+            assert got[step][key] == pytest.approx(value, rel=1e-5, abs=1e-8), (step, key)

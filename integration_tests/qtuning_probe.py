@@ -25,6 +25,16 @@ In a multi-process run each rank writes ``qtuning_probe.rank<RANK>.json``.
 that the LoRA weights start the same in every run: torch >= 2.13 seeds its generator at random
 when it starts, and Axolotl seeds only the trainer, which it builds after the adapters.
 
+``qtuning_probe.KillPlugin`` kills the process with SIGKILL at a chosen moment, for the
+fault-injection test (``test_axolotl_kill_resume.py``): with ``QTUNING_KILL=EVENT:N[:DELAY_MS]``
+in the environment, at the ``N``-th EVENT of this process, counted from its start:
+
+* ``scoring``: a forward of the first decoder layer without gradient in training mode (the
+  Q-Tuning scoring pass);
+* ``training``: a forward of that layer with gradient (a training pass);
+* ``saving``: ``DELAY_MS`` after the logging of an optimizer step that saves a checkpoint (its
+  plots written), where the checkpoint save starts: somewhere in the save, or just after it.
+
 ``qtuning_probe.CpuRanksPlugin`` sets ``use_cpu`` in the training arguments, which
 Axolotl's config has no key for: DeepSpeed on several CPU processes needs it (see
 ``test_axolotl_deepspeed.py``).
@@ -34,10 +44,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from typing import Any
 
 import torch
 from axolotl.integrations.base import BasePlugin
+from transformers import TrainerCallback
 
 PROBE_FILE = "qtuning_probe.json"
 
@@ -159,3 +172,45 @@ class CpuRanksPlugin(BasePlugin):
 
     def get_training_args(self, cfg) -> dict:
         return {"use_cpu": True}
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _KillInSave(TrainerCallback):
+    """Added after the Q-Tuning trainer's own callbacks: its ``on_log`` runs after theirs (the plots),
+    just before `Trainer._save_checkpoint`."""
+
+    def __init__(self, nth: int, delay_s: float):
+        self.nth, self.delay_s, self.seen = nth, delay_s, 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if control.should_save and logs and "loss" in logs:
+            self.seen += 1
+            if self.seen == self.nth:
+                threading.Timer(self.delay_s, _kill).start()
+
+
+class KillPlugin(BasePlugin):
+    def post_trainer_create(self, cfg, trainer) -> None:
+        spec = os.environ.get("QTUNING_KILL")
+        if not spec:
+            return
+        event, nth, *delay_ms = spec.split(":")
+        nth = int(nth)
+        if event == "saving":
+            trainer.add_callback(_KillInSave(nth, float(delay_ms[0]) / 1000 if delay_ms else 0.0))
+            return
+        if event not in ("scoring", "training"):
+            raise ValueError(f"QTUNING_KILL: unknown event {event!r}")
+        layer = next(module for name, module in trainer.model.named_modules() if name.endswith("layers.0"))
+        seen = [0]
+
+        def count_forward(module, args):
+            if module.training and torch.is_grad_enabled() == (event == "training"):
+                seen[0] += 1
+                if seen[0] == nth:
+                    _kill()
+
+        layer.register_forward_pre_hook(count_forward)

@@ -18,7 +18,6 @@ configured ratios in two ways:
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from qtuning_plugin.atomic_files import atomic_write, write_json
 from qtuning_plugin.config import QTuningConfig
 from qtuning_plugin.core import sample_stats
 from qtuning_plugin.core.select import triage_with_config
@@ -263,12 +263,11 @@ def write_outputs(analysis: Analysis, out_dir: str) -> dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, name) for name in ("samples.csv", "summary.json", "eu_plane.png")}
     rows = [asdict(row) for row in analysis.rows]
-    with open(paths["samples.csv"], "w", newline="", encoding="utf-8") as handle:
+    with atomic_write(paths["samples.csv"], newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with open(paths["summary.json"], "w", encoding="utf-8") as handle:
-        json.dump(analysis.summary(), handle, indent=2)
+    write_json(paths["summary.json"], analysis.summary(), indent=2)
     plot_eu_plane(
         [EUPoint(row.ppl, row.ent, row.quadrant, row.filled, step=0) for row in analysis.rows if row.quadrant],
         analysis.whole_set.thresholds,

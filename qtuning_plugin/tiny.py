@@ -31,6 +31,7 @@ import pathlib
 from typing import Iterator, Optional, Sequence, Union
 
 from qtuning_plugin import example_files
+from qtuning_plugin.atomic_files import write_text
 
 # Bump when the tokenizer, the model shape or the dataset changes: older folders get rebuilt.
 BUILDER_VERSION = 1
@@ -177,7 +178,7 @@ def build_tiny_model(output_dir: Union[str, pathlib.Path], *, seed: int = 0) -> 
     model = build_model(tokenizer, seed=seed)
     tokenizer.save_pretrained(str(path))
     model.save_pretrained(str(path), safe_serialization=True)
-    (path / MARKER).write_text(json.dumps(_marker_payload(seed), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_text(str(path / MARKER), json.dumps(_marker_payload(seed), indent=2, sort_keys=True) + "\n")
     return path
 
 

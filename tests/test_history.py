@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qtuning_plugin import QTuningConfig, select
-from qtuning_plugin.history import STATE_NAME, EUPoint, QTuningHistory, quadrant_fractions
+from qtuning_plugin.history import STATE_NAME, EUPoint, QTuningHistory, QTuningStateError, quadrant_fractions
 from qtuning_plugin.plots import EU_PLANE_PNG, QUADRANTS_PNG, write_training_plots
 
 from test_select import make_batch
@@ -100,6 +100,77 @@ def test_a_version_1_state_file_is_read(tmp_path):
     (tmp_path / STATE_NAME).write_text(json.dumps(state))
     with pytest.raises(ValueError, match="version 99"):
         history.load(str(tmp_path))
+
+
+def saved_state(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    history = QTuningHistory()
+    sel = selection(seed=1)
+    history.record(sel.stats, 50, 20)
+    history.record_samples(sel, 1)
+    return history.save(str(tmp_path))
+
+
+def load_error(folder):
+    with pytest.raises(QTuningStateError) as caught:
+        QTuningHistory().load(str(folder))
+    return str(caught.value)
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_state(tmp_path):
+    path = saved_state(tmp_path)
+    before = open(path, "rb").read()
+    history = QTuningHistory()
+    history.record({"qtuning/alpha": 0.5}, 10, 5)
+    history.thresholds = {"ppl_hi": object()}  # json.dump fails after writing the start of the file
+    with pytest.raises(TypeError):
+        history.save(str(tmp_path))
+    assert open(path, "rb").read() == before and sorted(p.name for p in tmp_path.iterdir()) == [STATE_NAME]
+
+
+def test_every_cut_of_a_state_file_is_reported_as_cut_short(tmp_path):
+    path = saved_state(tmp_path)
+    data = open(path, "rb").read()
+    for size in range(0, len(data) - 1):  # a file cut after `size` bytes, as an in-place write killed leaves it
+        open(path, "wb").write(data[:size])
+        message = load_error(tmp_path)
+        assert ("cut short" in message and f"after {size} bytes" in message) or (size == 0 and "is empty" in message)
+
+
+def test_the_error_names_the_file_what_is_wrong_and_the_ways_out(tmp_path):
+    path = saved_state(tmp_path / "checkpoint-40")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:40])
+    message = load_error(tmp_path / "checkpoint-40")
+    assert f"cannot resume from {tmp_path / 'checkpoint-40'}: its {STATE_NAME} is cut short after 40 bytes" in message
+    assert f"an earlier checkpoint-N folder of {tmp_path}" in message
+    assert f"delete {path} and resume from this checkpoint with Q-Tuning's history reset" in message
+    assert "qtuning/tokens_saved_frac_cumulative restart from zero" in message and "EU-plane plot" in message
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"<html>not a state</html>", "is not JSON (Expecting value: line 1 column 1 (char 0))"),
+        (b'{"version": 2} trailing', "is not JSON (Extra data"),
+        (b"\xff\xfe{}", "is not JSON (not UTF-8 text"),
+        (b"[1, 2]", "is not a Q-Tuning state (a JSON list, not an object)"),
+        (b'{"version": 99, "pending": {}}', "has format version 99, which this release cannot read (it reads versions 1, 2;"),
+        (b'{"pending": {}, "tokens": {}}', "has no format version, which this release cannot read"),
+        (b'{"version": 2, "pending": {}}', "is not a Q-Tuning state (version 2 without tokens, points, thresholds)"),
+    ],
+)
+def test_each_unreadable_state_is_named(tmp_path, content, problem):
+    (tmp_path / STATE_NAME).write_bytes(content)
+    message = load_error(tmp_path)
+    assert f"its {STATE_NAME} {problem}" in message and "Ways out" in message
+
+
+def test_the_state_error_is_a_settings_error():
+    """Every host reports a `QTuningSettingsError` as one message (the LLaMA-Factory launcher without a traceback)."""
+    from qtuning_plugin.rules import QTuningSettingsError
+
+    assert issubclass(QTuningStateError, QTuningSettingsError)
 
 
 def counts(*values):

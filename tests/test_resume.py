@@ -164,3 +164,32 @@ def test_plots_are_written_at_the_end_of_training(runs):
         for name in (EU_PLANE_PNG, QUADRANTS_PNG):
             path = os.path.join(trainer.args.output_dir, name)
             assert os.path.getsize(path) > 10_000, path
+
+
+def test_the_qtuning_state_is_in_the_checkpoint_before_the_trainer_state(tmp_path, monkeypatch):
+    """transformers writes ``trainer_state.json`` last: a run killed before it leaves a folder that
+    is not resumed from; one killed after it must find ``qtuning_state.json`` there already."""
+    from transformers import TrainerState
+
+    found = []
+    save_to_json = TrainerState.save_to_json
+
+    def record_then_save(state, path):
+        found.append(os.path.isfile(os.path.join(os.path.dirname(path), STATE_NAME)))
+        save_to_json(state, path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", record_then_save)
+    make_trainer(tmp_path, "micro_batch").train()
+    assert found == [True, True]  # the checkpoints of steps 3 and 6
+
+
+def test_an_unreadable_state_stops_the_resume_with_the_loader_error(tmp_path):
+    from qtuning_plugin.history import QTuningStateError
+
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / STATE_NAME).write_text('{"version": 2, "pending": {"qtuning/al')
+    trainer = make_trainer(tmp_path / "out", "micro_batch")
+    with pytest.raises(QTuningStateError, match="cut short after 38 bytes"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 0

@@ -6,13 +6,17 @@ and in each rank it starts. Every Q-Tuning trainer built in the process gets a l
 engine (the public selection hook), which appends one JSON line per triage to
 ``QTUNING_PROBE_DIR/selections.rank<RANK>.jsonl``: `reference.selection_record`, so that a test
 can redo the algorithm's triage and token budget independently (as
-``integration_tests/qtuning_probe.py`` does for Axolotl).
+``integration_tests/qtuning_probe.py`` does for Axolotl). With ``QTUNING_KILL_AT_SELECTION=N`` it
+also kills the process with SIGKILL at its N-th triage (after the scoring pass of that step,
+before its training passes): the fault-injection test, ``test_kill_resume.py``.
 """
 
 import json
 import os
+import signal
 
 PROBE_DIR = os.environ.get("QTUNING_PROBE_DIR")
+KILL_AT_SELECTION = int(os.environ.get("QTUNING_KILL_AT_SELECTION", "0"))
 
 
 def _install() -> None:
@@ -23,10 +27,15 @@ def _install() -> None:
     path = os.path.join(PROBE_DIR, f"selections.rank{os.environ.get('RANK', '0')}.jsonl")
     init = QTuningTrainerMixin.__init__
 
+    seen = [0]
+
     def record(event) -> None:
         if event.selection is not None:
             with open(path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(selection_record(event)) + "\n")
+            seen[0] += 1
+            if seen[0] == KILL_AT_SELECTION:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def probed_init(self, *args, **kwargs):
         init(self, *args, **kwargs)

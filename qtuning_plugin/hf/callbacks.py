@@ -1,12 +1,9 @@
-"""Q-Tuning's side effects on a training run: pictures in ``output_dir`` (`QTuningPlotCallback`)
-and its state in every checkpoint (`QTuningStateCallback`)."""
+"""Q-Tuning's pictures of a training run in ``output_dir`` (`QTuningPlotCallback`); its state goes
+into every checkpoint through `QTuningTrainerMixin._save_checkpoint`."""
 
 from __future__ import annotations
 
-import os
-
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from qtuning_plugin._logging import LOG
 from qtuning_plugin.history import QTuningHistory
@@ -54,16 +51,3 @@ class QTuningPlotCallback(TrainerCallback):
             return
         LOG.info("qtuning: plots written to %s", ", ".join(paths))
 
-
-class QTuningStateCallback(TrainerCallback):
-    """Writes ``qtuning_state.json`` (the `QTuningHistory`) into each checkpoint the main process
-    saves, so that a resumed run logs and plots as the uninterrupted one would."""
-
-    def __init__(self, history: QTuningHistory):
-        self.history = history
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            self.history.save(folder)

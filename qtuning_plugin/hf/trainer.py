@@ -26,6 +26,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from qtuning_plugin._logging import LOG
 from qtuning_plugin.config import QTuningConfig
@@ -67,10 +68,9 @@ class QTuningTrainerMixin:
             check_trainer(self)
             if not from_args:  # Axolotl's plugin has logged it already, before the model loaded
                 LOG.info("Q-Tuning is active: %s", self.qtuning_config.describe())
-            from qtuning_plugin.hf.callbacks import QTuningPlotCallback, QTuningStateCallback
+            from qtuning_plugin.hf.callbacks import QTuningPlotCallback
 
             self.add_callback(QTuningPlotCallback(self.qtuning_history, self.qtuning_config.plot_every_n_steps))
-            self.add_callback(QTuningStateCallback(self.qtuning_history))
 
     def qtuning_prepare_inputs(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> dict[str, Any]:
         """A training micro-batch as the wrapped trainer's ``compute_loss`` would hand it to the model.
@@ -137,6 +137,18 @@ class QTuningTrainerMixin:
         if self.qtuning_config.enabled and "loss" in logs:
             logs = {**logs, **self.qtuning_history.flush()}
         super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any, **kwargs: Any) -> None:
+        """`Trainer._save_checkpoint`, with ``qtuning_state.json`` written into the checkpoint first.
+
+        transformers writes ``trainer_state.json`` last; a checkpoint that has it, the one a resume
+        looks for, then has the Q-Tuning state too, whenever the run was killed.
+        """
+        if self.qtuning_config.enabled and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            self.qtuning_history.save(folder)
+        super()._save_checkpoint(model, trial, **kwargs)
 
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
         """`Trainer.train`, with the Q-Tuning history reset, or read back from the checkpoint resumed."""

@@ -6,9 +6,11 @@ whatever else replaced them stays in the hierarchy.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
+from qtuning_plugin.atomic_files import append_jsonl
 
 METRIC_PREFIX = "qtuning/"
 
@@ -33,8 +35,10 @@ def qtuning_log_callback_class(base: type) -> type:
 
     ``LogCallback.on_log`` writes a fixed set of keys (step, loss, learning rate, timing), one line
     per log, from a worker thread: the metrics of each logged step are kept here by step and added
-    to the line when it is written.
+    to the line when it is written. The line goes to LLaMA-Factory's file with
+    `qtuning_plugin.atomic_files.append_jsonl`, so that a kill cuts the file only at a line.
     """
+    from llamafactory.extras.constants import TRAINER_LOG
 
     class QTuningLogCallback(base):
         def __init__(self, *args: Any, **kwargs: Any):
@@ -50,6 +54,6 @@ def qtuning_log_callback_class(base: type) -> type:
 
         def _write_log(self, output_dir: str, logs: dict[str, Any]) -> None:
             metrics = self._qtuning_metrics_by_step.pop(logs.get("current_steps"), {})
-            super()._write_log(output_dir, {**logs, **metrics})
+            append_jsonl(os.path.join(output_dir, TRAINER_LOG), {**logs, **metrics})
 
     return QTuningLogCallback
