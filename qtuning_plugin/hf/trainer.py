@@ -26,7 +26,6 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from qtuning_plugin._logging import LOG
 from qtuning_plugin.config import QTuningConfig
@@ -145,6 +144,8 @@ class QTuningTrainerMixin:
         looks for, then has the Q-Tuning state too, whenever the run was killed.
         """
         if self.qtuning_config.enabled and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # at import, transformers would pull in triton
+
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
             self.qtuning_history.save(folder)
