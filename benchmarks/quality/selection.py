@@ -191,14 +191,14 @@ def replay_groups(ppl: torch.Tensor, ent: torch.Tensor, kinds: np.ndarray, token
     corrupted = kinds != "clean"
     out = {r: np.zeros((len(groups), len(COLUMNS))) for r in token_ratios}
     for row, members in enumerate(groups):
-        t = triage_with_config(ppl[members], ent[members], valid, config)
-        keep, q2, filled = t.keep.numpy(), t.q2.numpy(), t.filled.numpy()
+        triage = triage_with_config(ppl[members], ent[members], valid, config)
+        keep, q2, filled = triage.keep.numpy(), triage.q2.numpy(), triage.filled.numpy()
         kept, n_filled = int(keep.sum()), int(filled.sum())
         reached = abs((kept - n_filled) / g - sample_ratio) < config.bisect_tolerance
-        at_cap = t.iterations == config.max_bisect_iters
+        at_cap = triage.iterations == config.max_bisect_iters
         k_items, q2_items = members[keep], members[q2]
         wn = kinds[q2_items] == "wrong_number"
-        counts = [1, kept, kept == t.target, n_filled, at_cap and not reached, at_cap, corrupted[k_items].sum(),
+        counts = [1, kept, kept == triage.target, n_filled, at_cap and not reached, at_cap, corrupted[k_items].sum(),
                   *((kinds[k_items] == k).sum() for k in KINDS), len(q2_items)]
         bad, length = tokens["bad"][q2_items], tokens["length"][q2_items]
         for r in token_ratios:
