@@ -49,7 +49,7 @@ demo: setup
 	@echo "demo: the LoRA adapter: $(CURDIR)/$(DEMO_OUT)/adapter_model.safetensors"
 
 mutation: setup
-	.venv/bin/python scripts/mutation.py
+	QTUNING_REAL_SMOKE=1 .venv/bin/python scripts/mutation.py
 
 bench: setup
 	.venv/bin/python benchmarks/ops_bench.py

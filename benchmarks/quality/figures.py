@@ -185,3 +185,34 @@ def plot_real(summary: dict, arms: list[str], base_acc: float, plane, title: str
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
+
+
+def plot_selection(cells: dict, sizes, base_rate: float, n_items: int, path) -> None:
+    """`selection.py`'s kept-noise share against group size: one line per sample budget and scoring
+    checkpoint with its bootstrap 95% band, the whole set triaged at once as a point at ``n_items``,
+    and the base rate. ``cells[checkpoint]["30%"][budget][size]["kept_corrupted_share"]`` holds
+    ``value`` and ``ci`` (shares in [0, 1]). 25% x 50% and 25% x 70% keep the same samples: one line."""
+    colours = {"25x50": "#08306b", "12.5x50": "#2ca02c"}
+    styles = {"base": ("-", "o"), "sft": ("--", "s")}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for ckpt, by_level in cells.items():
+        for budget, colour in colours.items():
+            rows = [by_level["30%"][budget][str(g)]["kept_corrupted_share"] for g in sizes]
+            y = [100 * r["value"] for r in rows]
+            line, marker = styles.get(ckpt, ("-.", "^"))
+            label = f"{'25% (x 50% and x 70%)' if budget == '25x50' else '12.5% x 50%'}, scored by {ckpt}"
+            ax.plot(sizes, y, line, marker=marker, color=colour, label=label)
+            ax.fill_between(sizes, [100 * r["ci"][0] for r in rows], [100 * r["ci"][1] for r in rows], color=colour, alpha=0.15)
+            whole = by_level["30%"][budget]["all"]["kept_corrupted_share"]["value"]
+            ax.plot([n_items], [100 * whole], marker=marker, color=colour, fillstyle="none", linestyle="none")
+    ax.axhline(100 * base_rate, color="#d62728", linestyle=":", label=f"base rate ({100 * base_rate:.1f}%)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([*sizes, n_items], [*map(str, sizes), f"all {n_items}"])
+    ax.set_xlabel("samples triaged together (group size)")
+    ax.set_ylabel("corrupted share of kept samples (%)")
+    ax.set_title("Q-Tuning's triage replayed on SmolLM2-135M-Instruct's scores, 30% corrupted data")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

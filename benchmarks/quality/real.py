@@ -287,7 +287,8 @@ class Budget(TrainerCallback):
 
 def train_arm(name: str, model_dir: str, tokenizer, dataset: SFTSet, steps: list[list[int]], seed: int,
               eval_step: int, test, n_loss: int, budget_cpu_s: float | None, finetune: str = FINETUNE) -> dict:
-    """Train arm ``name`` from the base model; evaluate at ``eval_step`` and, with a budget, at equal time."""
+    """Train arm ``name`` from the base model; evaluate at ``eval_step`` and, with a budget, at equal time.
+    The result holds the trained ``model`` too."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
@@ -325,7 +326,7 @@ def train_arm(name: str, model_dir: str, tokenizer, dataset: SFTSet, steps: list
             trainer.train()
     return {"points": budget.points, "step_cpu_s": budget.cpu_s, "step_wall_s": budget.wall_s,
             "step_batches": [sum(plan[s * grad_accum:(s + 1) * grad_accum], []) for s in range(len(plan) // grad_accum)],
-            "selections": log.samples}
+            "selections": log.samples, "model": model}
 
 
 # ----------------------------------------------------------------------------- analysis
