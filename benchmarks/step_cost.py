@@ -239,7 +239,7 @@ def main() -> None:
     lines.append(f"wall time: {time.perf_counter() - started:.0f} s")
     if args.plot:
         plot({a: r["time_ratio"] for a, r in summary.items()}, {a: r["mem_ratio"] for a, r in summary.items()},
-             ideal, args.plot)
+             ideal, args.plot, {a: r["time_ratio_ci95"] for a, r in summary.items()})
     key = "consumer_" if args.consumer else ""
     measured = [arm for arm in arms if arm != base and arm != "full_fused"]
     lines.append(json.dumps({
@@ -260,8 +260,9 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def plot(time_ratio: dict, mem_ratio: dict, ideal: dict, path: str) -> None:
-    """Bars of the step-time and peak-memory ratios per arm, with the ideal step cost marked."""
+def plot(time_ratio: dict, mem_ratio: dict, ideal: dict, path: str, intervals: dict) -> None:
+    """Bars of the step-time (with its 95% interval) and peak-memory ratios per arm, with the ideal
+    step cost marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,7 +271,10 @@ def plot(time_ratio: dict, mem_ratio: dict, ideal: dict, path: str) -> None:
     arms = list(time_ratio)
     x = range(len(arms))
     figure, axis = plt.subplots(figsize=(8, 4))
-    axis.bar([i - 0.2 for i in x], [time_ratio[a] for a in arms], width=0.4, label="step time / full SFT")
+    errors = [[max(0.0, time_ratio[a] - intervals[a][0]) for a in arms],
+              [max(0.0, intervals[a][1] - time_ratio[a]) for a in arms]]
+    axis.bar([i - 0.2 for i in x], [time_ratio[a] for a in arms], width=0.4, yerr=errors, capsize=3,
+             label="step time / full SFT (95% interval)")
     axis.bar([i + 0.2 for i in x], [mem_ratio[a] for a in arms], width=0.4, label="peak memory / full SFT")
     axis.scatter(list(x), [ideal[a] for a in arms], color="black", marker="_", s=600, label="ideal (1 + 3r) / 3")
     axis.axhline(1.0, color="grey", linewidth=0.8)
