@@ -16,7 +16,18 @@ layer, measured in one process on one GPU:
 
 Step time is the median of ``--repeats`` timed steps after ``--warmup`` untimed ones (Triton
 compiles on the first); peak memory is ``torch.cuda.max_memory_allocated`` over those steps
-(model, LoRA state and activations). Ratios are to ``full/liger``.
+(model, LoRA state and activations). Ratios are to ``full/liger`` (the consumer arms': to
+``consumer/full_mbs1``).
+
+Then the consumer shape (docs/scoring_memory.md): Llama-3-8B's layers (32, hidden 4096, MLP 14336,
+32/8 heads, vocabulary 128256, random bf16 weights, not 4-bit) at sequence 2048, gradient
+checkpointing, LoRA r 16, one optimizer step of ``micro_batch_size: 1`` x
+``gradient_accumulation_steps: 16``, on the first backend that runs (liger, else torch):
+
+  consumer/full_mbs1      full-data SFT, 16 forward + backward passes of one row (fused loss)
+  consumer/step_0.25x0.5  Q-Tuning, ``triage_scope: step``: the 16 rows scored in forwards of
+                          ``scoring_batch_tokens`` = 16 x 2048 positions (what fits beside the 4-bit
+                          model on a 24 GB card, docs/scoring_memory.md), then the kept rows trained
 
 Then the statistics pass alone, per backend, on ``[N, H]`` hidden states and a ``[V, H]`` head
 (default N 16384, H 4096, V 128256, the model's dtype): the backend's ``token_stats`` (NLL and
@@ -57,6 +68,11 @@ TINY = {"layers": 2, "hidden": 64, "heads": 4, "vocab": 509, "seq": 32, "batch":
 # The statistics pass's shapes: tokens N, hidden size H (Llama-3-8B's), vocabulary V.
 STATS = {"tokens": 16384, "hidden": 4096, "vocab": 128256}
 STATS_TINY = {"tokens": 64, "hidden": 32, "vocab": 97}
+# One consumer GPU's step at Llama-3-8B's shapes; scoring_rows: rows per scoring forward (docs/scoring_memory.md).
+CONSUMER = {"layers": 32, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256,
+            "seq": 2048, "rows": 16, "lora_r": 16, "scoring_rows": 16}
+CONSUMER_TINY = {"layers": 2, "hidden": 64, "intermediate": 176, "heads": 4, "kv_heads": 2, "vocab": 509,
+                 "seq": 32, "rows": 16, "lora_r": 4, "scoring_rows": 16}
 
 
 def build_model(shape: dict, device: torch.device, dtype: torch.dtype):
@@ -156,6 +172,48 @@ def measure(step, model, device: torch.device, warmup: int, repeats: int) -> dic
     return {"step_s": seconds, "peak_bytes": peak, "loss": float(loss.detach())}
 
 
+def consumer_step(shape: dict, device: torch.device, dtype: torch.dtype, backend, warmup: int, repeats: int) -> dict:
+    """The consumer shape's optimizer step, full-data SFT at micro-batch 1 against Q-Tuning's step scope:
+    ``{arm: measure(...)}`` plus the scoring forwards Q-Tuning ran."""
+    from qtuning_plugin import QTuningConfig, QTuningEngine
+    from qtuning_plugin.engine import MicroBatch
+    from qtuning_plugin.engine.scoring import plan
+
+    config = {
+        "vocab_size": shape["vocab"], "hidden_size": shape["hidden"], "intermediate_size": shape["intermediate"],
+        "num_hidden_layers": shape["layers"], "num_attention_heads": shape["heads"],
+        "num_key_value_heads": shape["kv_heads"], "max_position_embeddings": shape["seq"],
+    }
+    model = build_llama(config, device=device, dtype=dtype, lora_r=shape["lora_r"])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inputs = sft_batch(shape["vocab"], shape["rows"], shape["seq"], device)
+    rows = [{key: value[i : i + 1] for key, value in inputs.items()} for i in range(shape["rows"])]
+    full_steps = [full_step_fn(model, row, backend) for row in rows]
+
+    def full_mbs1() -> torch.Tensor:
+        # full_step_fn runs backward on each row's mean loss; the step's loss is their mean.
+        return sum(step() for step in full_steps) / len(full_steps)
+
+    qtuning = QTuningConfig(triage_scope="step", sample_keep_ratio=0.25, token_keep_ratio=0.5, backend=backend.name,
+                            scoring_batch_tokens=shape["scoring_rows"] * shape["seq"])
+    engine = QTuningEngine(qtuning, backend=backend, data_parallel=False)
+    batches = [MicroBatch.prepare(row) for row in rows]
+
+    def step_scope() -> torch.Tensor:
+        losses = []
+        for training_pass in engine.step_passes(model, batches, step=1):
+            loss = engine.pass_loss(model, training_pass)
+            loss.backward()
+            losses.append(loss.detach())
+        return sum(losses)
+
+    results = {"consumer/full_mbs1": measure(full_mbs1, model, device, warmup, repeats),
+               "consumer/step_0.25x0.5": measure(step_scope, model, device, warmup, repeats)}
+    _, groups = plan(model, batches, qtuning.scoring_batch_tokens, data_parallel=False)
+    results["consumer/step_0.25x0.5"]["scoring_forwards"] = len(groups)
+    return results
+
+
 def stats_inputs(shape: dict, device: torch.device, dtype: torch.dtype):
     """The statistics pass's inputs, drawn on ``device``: ``hidden [N, H]`` standard normal, ``weight [V, H]``
     scaled by ``H**-0.5`` (logits of order one), ``targets [N]`` uniform with the first quarter ignored (the
@@ -187,8 +245,8 @@ def stats_pass(backend, inputs, device: torch.device, warmup: int, repeats: int)
     }
 
 
-def run(shape: dict, stats_shape: dict, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int,
-        save: Callable[[dict, dict, int, list[str]], None]):
+def run(shape: dict, stats_shape: dict, consumer_shape: dict, device: torch.device, dtype: torch.dtype, warmup: int,
+        repeats: int, save: Callable[[dict, dict, int, list[str]], None]):
     """Every arm that can run on ``device`` (``{arm: measure(...) or {"skipped": reason}}``), the
     statistics pass per backend (``{backend: stats_pass(...) or {"skipped": reason}}``), the parameter
     count. After each measurement ``save(results, stats, parameters, done)`` gets what is measured so
@@ -218,6 +276,15 @@ def run(shape: dict, stats_shape: dict, device: torch.device, dtype: torch.dtype
     del model, inputs
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    backend = backend_for("liger", device)[0] or backend_for("torch", device)[0]
+    consumer_warmup, consumer_repeats = min(warmup, 1), min(repeats, 2)
+    consumer = consumer_step(consumer_shape, device, dtype, backend, consumer_warmup, consumer_repeats)
+    for arm, result in consumer.items():
+        results[f"{arm}/{backend.name}"] = result
+        done.append(f"{arm}/{backend.name}")
+    save(results, stats, parameters, done)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     head_inputs = stats_inputs(stats_shape, device, dtype)
     for backend_name in ("liger", "torch"):
         backend, reason = backend_for(backend_name, device)
@@ -239,7 +306,8 @@ def summarize(results: dict, stats: dict, shape: dict, stats_shape: dict, parame
     for arm, result in results.items():
         if "skipped" in result or base_name is None:
             continue
-        base = results[base_name]
+        # The consumer arms are ratios to full-data SFT at the same shape and backend.
+        base = results[arm.replace("step_0.25x0.5", "full_mbs1")] if arm.startswith("consumer/") else results[base_name]
         time_ratio[arm] = round(result["step_s"] / base["step_s"], 3)
         peak: Optional[int] = result["peak_bytes"]
         mem_ratio[arm] = round(peak / base["peak_bytes"], 3) if peak is not None else None
@@ -323,7 +391,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             write_json(Path(args.json), summary)
             print(f"  measured {done[-1]}; summary so far in {args.json}", flush=True)
 
-    results, stats, parameters, done = run(shape, stats_shape, device, dtype, warmup, repeats, save)
+    consumer_shape = CONSUMER_TINY if args.tiny else CONSUMER
+    results, stats, parameters, done = run(shape, stats_shape, consumer_shape, device, dtype, warmup, repeats, save)
     summary = summarize(results, stats, shape, stats_shape, parameters, device, done, complete=True)
     print_tables(summary)
     print(json.dumps(summary))

@@ -17,7 +17,9 @@ The integration tests add ``qtuning_probe.ProbePlugin`` to a config's
   `QTuningEngine` listeners: one per optimizer step, or per micro-batch under
   ``triage_scope: micro_batch``): every sample's PPL, Ent, trainable-token
   count L, kept-token count and Q2/kept flags, so that a test can redo the
-  algorithm's triage and token budget independently.
+  algorithm's triage and token budget independently; where a triage spans several
+  micro-batches (one process), also ``alone``: the same triage with each micro-batch scored
+  in a forward of its own (`reference.scored_alone`).
 
 In a multi-process run each rank writes ``qtuning_probe.rank<RANK>.json``.
 
@@ -108,10 +110,18 @@ class ProbePlugin(BasePlugin):
         self.record["trainer_cls"] = f"{type(trainer).__module__}.{type(trainer).__name__}"
         engine = getattr(trainer, "qtuning_engine", None)
         if engine is not None:
-            from reference import selection_record  # tests/, on PYTHONPATH (axolotl_run.py)
+            from reference import scored_alone, selection_record  # tests/, on PYTHONPATH (axolotl_run.py)
 
             selections = self.record.setdefault("selections", [])
-            engine.listeners.append(lambda event: event.selection is None or selections.append(selection_record(event)))
+
+            def record(event) -> None:
+                if event.selection is None:
+                    return
+                selections.append(selection_record(event))
+                if len(event.micro_batches) > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                    selections[-1]["alone"] = scored_alone(engine, trainer.model_wrapped, event)
+
+            engine.listeners.append(record)
         batch = next(iter(trainer.get_train_dataloader()))
         info: dict[str, Any] = {
             "keys": sorted(batch.keys()),

@@ -58,7 +58,8 @@ def packed_run(tiny_model, tmp_path_factory):
         eval_sample_packing=False,
         micro_batch_size=2,
         gradient_accumulation_steps=4,
-        qtuning={"sample_keep_ratio": SAMPLE_KEEP, "token_keep_ratio": TOKEN_KEEP},
+        # every micro-batch of a step in one scoring forward (the probe checks it selects as each alone)
+        qtuning={"sample_keep_ratio": SAMPLE_KEEP, "token_keep_ratio": TOKEN_KEEP, "scoring_batch_tokens": 100_000},
     )
     return run_axolotl_train(config)
 

@@ -113,7 +113,7 @@ def test_packed_rows_are_triaged_sample_by_sample(tiny_model, tmp_path):
     steps, rows_per_step = 3, 4
     config = example_config(
         tmp_path, tiny_model, steps=steps, packing=True, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        qtuning=YAML_SECTION,
+        qtuning={**YAML_SECTION, "scoring_batch_tokens": 100_000},  # a step's micro-batches in one scoring forward
     )
     packed = run(["qtuning-llamafactory", "train", str(config)], tmp_path, probe=True)
     check_finished(packed)

@@ -86,6 +86,19 @@ class QTuningConfig(BaseModel):
         ge=1,
         description="Tokens per chunk of the torch fused op; null picks one from the vocabulary size.",
     )
+    scoring_batch_tokens: Optional[int] = Field(
+        default=None,
+        ge=1,
+        description=(
+            "triage_scope step: positions (rows x padded length) per gradient-free scoring forward, >= 1; the "
+            "step's micro-batches share forwards up to this many (a micro-batch larger than it is scored alone). "
+            "null picks one: a forward without gradient holds one layer's activations at a time where the "
+            "backward of a training micro-batch holds every layer's (with gradient checkpointing, every layer's "
+            "input), so it takes the positions whose no-grad forward needs no more activation memory than the "
+            "backward of the step's largest micro-batch, estimated from the model's layer count and sizes; on "
+            "CUDA at least as many as fit in half of the free GPU memory (torch.cuda.mem_get_info)."
+        ),
+    )
     plot_every_n_steps: int = Field(
         default=0,
         ge=0,
@@ -98,6 +111,16 @@ class QTuningConfig(BaseModel):
             raise ValueError(
                 "qtuning.scoring: single_pass triages while the loss is computed, so it needs "
                 "`triage_scope: micro_batch`; with `triage_scope: step` use `auto` or `two_pass`"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _scoring_batch_tokens_needs_step_scope(self) -> "QTuningConfig":
+        if self.scoring_batch_tokens is not None and self.triage_scope != "step":
+            raise ValueError(
+                "qtuning.scoring_batch_tokens: sets how many positions a step's scoring forward takes, "
+                "so it needs `triage_scope: step`; under `micro_batch` each micro-batch is scored on "
+                "its own. Remove the key or use `triage_scope: step`"
             )
         return self
 

@@ -5,7 +5,8 @@ the one primitive borrowed is the quantile, which the SPEC defines as torch's (l
 interpolation, ``torch.quantile``'s default). The tests (`tests/test_triage.py`, the end-to-end
 `integration_tests/test_axolotl_train.py`) and the quality benchmark's fidelity check
 (`benchmarks/quality/run.py`) compare the package against it; `check_selection_records` checks the
-selections that the end-to-end runs record (Axolotl and LLaMA-Factory).
+selections that the end-to-end runs record (Axolotl and LLaMA-Factory), and, where the probe
+redid a triage with every micro-batch scored alone (`scored_alone`), that it selects the same.
 """
 
 from __future__ import annotations
@@ -150,6 +151,33 @@ def selection_record(event) -> dict:
     }
 
 
+def scored_alone(engine, model, event) -> dict:
+    """The event's triage redone with each micro-batch scored in a forward of its own (as before
+    ``scoring_batch_tokens`` let a step's micro-batches share scoring forwards), on the model as it
+    is when the listeners are called (before the step's training passes): its kept and Q2 flags,
+    whether its kept tokens are the event's, and the largest differences of per-sample PPL
+    (relative) and Ent (absolute) from the event's."""
+    batches = event.micro_batches
+    alone = engine.select(batches, [engine.score(model, batch) for batch in batches], event.step).selection
+    valid = torch.isfinite(alone.ppl) & torch.isfinite(event.selection.ppl)
+    relative_ppl = ((alone.ppl - event.selection.ppl).abs() / alone.ppl.abs())[valid]
+    entropy = (alone.ent - event.selection.ent).abs()[valid]
+    return {
+        "keep": alone.sample_mask.tolist(),
+        "q2": alone.q2.tolist(),
+        "same_kept_tokens": bool(torch.equal(alone.token_mask, event.selection.token_mask)),
+        "ppl_max_rel_diff": float(relative_ppl.max()) if relative_ppl.numel() else 0.0,
+        "ent_max_abs_diff": float(entropy.max()) if entropy.numel() else 0.0,
+    }
+
+
+# A step's micro-batches scored together differ from each scored alone by float rounding only
+# (another attention kernel for a padded batch, other matmul shapes): float32 CPU runs measure
+# ~1e-7 relative on PPL and ~1e-6 nats on Ent; this is a thousand times that, and far below
+# what a wrong row, position or mask moves (percents).
+ALONE_PPL_RTOL, ALONE_ENT_ATOL = 1e-4, 1e-3
+
+
 def check_selection_records(records: Sequence[dict], sample_keep: float, token_keep: float) -> None:
     """Each recorded selection is SPEC's triage and token budget of its samples' (PPL, Ent).
 
@@ -172,3 +200,7 @@ def check_selection_records(records: Sequence[dict], sample_keep: float, token_k
             else:
                 expected = length
             assert int(record["kept_tokens"][i]) == expected, (step, i, length, record["q2"][i])
+        alone = record.get("alone")  # the probe's `scored_alone`, where a triage spans micro-batches
+        if alone is not None:
+            assert (alone["keep"], alone["q2"], alone["same_kept_tokens"]) == (record["keep"], record["q2"], True), step
+            assert alone["ppl_max_rel_diff"] <= ALONE_PPL_RTOL and alone["ent_max_abs_diff"] <= ALONE_ENT_ATOL, alone

@@ -82,13 +82,16 @@ def test_smoke_run_writes_a_complete_report(tmp_path):
 
     step = report["stages"]["step"]["summary"]
     assert step["baseline"] == "full/torch"  # liger needs CUDA (or the Triton interpreter)
-    assert step["complete"] and step["done"] == ["full/torch", "0.25x0.5/torch", "stats/torch"]
+    consumer = ["consumer/full_mbs1/torch", "consumer/step_0.25x0.5/torch"]
+    assert step["complete"] and step["done"] == ["full/torch", "0.25x0.5/torch", *consumer, "stats/torch"]
     measured = {arm: r for arm, r in step["results"].items() if "skipped" not in r}
-    assert set(measured) == {"full/torch", "0.25x0.5/torch"}
-    base = measured["full/torch"]["step_s"]
+    assert set(measured) == {"full/torch", "0.25x0.5/torch", *consumer}
     for arm, result in measured.items():
+        base = measured[consumer[0] if arm in consumer else "full/torch"]["step_s"]
         assert result["step_s"] > 0
         assert step["step_time_ratio"][arm] == pytest.approx(result["step_s"] / base, abs=5.1e-4)
+    # The tiny consumer shape's 16 rows of 32 positions, scored 16 rows to a forward: one forward.
+    assert measured[consumer[1]]["scoring_forwards"] == 1
     stats = step["stats_pass"]["torch"]
     assert stats["time_ratio"] == pytest.approx(stats["stats_s"] / stats["loss_forward_s"], abs=5.1e-4)
     assert "skipped" in step["stats_pass"]["liger"]
@@ -119,7 +122,8 @@ def test_smoke_run_writes_a_complete_report(tmp_path):
         assert 1 <= arms["qtuning"]["kept_rows"] <= int(batch) == arms["qtuning"]["rows"]
 
     goals = {row["goal"]: row for row in report["goals"]}
-    assert set(goals) == {"stats_pass", "step_time", "step_memory", "example_memory_gib"}
+    assert set(goals) == {"stats_pass", "step_time", "step_memory", "consumer_step_time", "example_memory_gib"}
+    assert goals["consumer_step_time"]["value"] == pytest.approx(step["step_time_ratio"][consumer[1]], abs=5.1e-4)
     assert all(row["met"] is None for row in goals.values())  # a smoke run judges nothing
     assert goals["stats_pass"]["value"] is None and goals["step_time"]["value"] is None  # liger did not run
     at_example = summary["full_depth"][str(example["micro_batch_size"])]

@@ -3,8 +3,9 @@
 The engine takes the config and plain values (the step number, the label smoothing) and does
 the step's pieces on micro-batches (`MicroBatch`):
 
-1. **score** each micro-batch without gradient: the model body, then the fused per-token NLL and
-   entropy on the final hidden states (docs/algorithm.md section 1);
+1. **score** the micro-batches without gradient: the model body, then the fused per-token NLL and
+   entropy on the final hidden states (docs/algorithm.md section 1); a step's micro-batches share
+   forwards as memory allows (`qtuning_plugin.engine.scoring`);
 2. **select** over a list of micro-batches (a whole optimizer step under ``triage_scope: step``,
    one micro-batch under ``micro_batch``): one core `select` over their samples, packed
    segments unpacked, every rank's samples gathered (sections 2-5);
@@ -33,7 +34,9 @@ from qtuning_plugin.core.triage import NO_TARGET
 from qtuning_plugin.distributed import default_sample_gather
 from qtuning_plugin.engine.micro_batch import MicroBatch
 from qtuning_plugin.engine.passes import PASS_KEY, TrainingPass, training_passes
+from qtuning_plugin.engine.scoring import score_in_groups
 from qtuning_plugin.modeling import head_forward
+from qtuning_plugin.ops import default_chunk_size
 from qtuning_plugin.ops.backends import Backend, resolve_backend
 
 # Below this many samples per triage, sample_keep_ratio is too coarse to be honoured.
@@ -159,23 +162,36 @@ class QTuningEngine:
         """``two_pass`` or ``single_pass`` (``auto`` is ``two_pass``)."""
         return "single_pass" if self.config.scoring == "single_pass" else "two_pass"
 
-    def token_stats(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-token ``(nll, entropy)``, each ``[B, T]`` float32 nats, of ``hidden [B, T, H]`` (no gradient)."""
+    def token_stats(
+        self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, chunk_targets: Optional[int] = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-token ``(nll, entropy)``, each ``[B, T]`` float32 nats, of ``hidden [B, T, H]`` (no gradient).
+
+        ``chunk_targets``: with the torch backend and no ``chunk_size`` set, chunk the logits as for
+        this many targets (the torch op's default chunk grows with the targets up to its budget, so
+        a forward over several micro-batches chunks as one of them would).
+        """
         batch, length, width = hidden.shape
-        nll, entropy = self.resolve_backend(hidden.device).token_stats(
-            hidden.reshape(-1, width).to(weight.dtype), weight, targets.reshape(-1), bias=bias,
-            chunk_size=self.config.chunk_size,
+        backend = self.resolve_backend(hidden.device)
+        chunk_size = self.config.chunk_size
+        if chunk_size is None and chunk_targets is not None and backend.name == "torch":
+            chunk_size = default_chunk_size(max(chunk_targets, 1), weight.shape[0])
+        nll, entropy = backend.token_stats(
+            hidden.reshape(-1, width).to(weight.dtype), weight, targets.reshape(-1), bias=bias, chunk_size=chunk_size
         )
         return nll.view(batch, length), entropy.view(batch, length)
 
-    def score(self, model: nn.Module, batch: MicroBatch) -> tuple[Tensor, Tensor]:
-        """The scoring forward: ``(nll, entropy)``, each ``[B, T]``, without gradient.
+    def score(self, model: nn.Module, batch: MicroBatch, chunk_targets: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """The scoring forward: ``(nll, entropy)``, each ``[B, T]``, without gradient (``chunk_targets``:
+        `token_stats`).
 
         The statistics run in place of the LM head, inside the model's forward
         (`head_forward`), where FSDP/ZeRO-3 hold the head's full weight.
         """
         with torch.no_grad():
-            return head_forward(model, batch.inputs, lambda h, w, b: self.token_stats(h, w, b, batch.targets))
+            return head_forward(
+                model, batch.inputs, lambda h, w, b: self.token_stats(h, w, b, batch.targets, chunk_targets)
+            )
 
     # -------------------------------------------------------------- selection
     def in_warmup(self, step: int) -> bool:
@@ -183,12 +199,14 @@ class QTuningEngine:
         return step <= self.config.warmup_steps
 
     def triage(self, model: nn.Module, batches: Sequence[MicroBatch], step: int) -> SelectionEvent:
-        """Score ``batches`` and select over them (every trainable token in warm-up)."""
+        """Score ``batches`` (in as few forwards as ``scoring_batch_tokens`` allows,
+        `qtuning_plugin.engine.scoring`) and select over them (every trainable token in warm-up)."""
         if self.in_warmup(step):
             return SelectionEvent(
                 step, tuple(batches), tuple(b.mask for b in batches), None, {"qtuning/warmup": 1.0}
             )
-        return self.select(batches, [self.score(model, b) for b in batches], step)
+        scores = score_in_groups(self.score, model, batches, self.config.scoring_batch_tokens, self.data_parallel)
+        return self.select(batches, scores, step)
 
     def select(
         self, batches: Sequence[MicroBatch], scores: Sequence[tuple[Tensor, Tensor]], step: int
