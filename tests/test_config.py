@@ -62,7 +62,7 @@ def test_triage_batch_size(scope, expected):
 # Every key of the `qtuning:` section, in the order of the schema, written out here.
 KEYS = (
     "enabled, sample_keep_ratio, token_keep_ratio, context_weight, prune_highest_scores, max_bisect_iters, "
-    "bisect_tolerance, triage_scope, scoring, warmup_steps, backend, chunk_size, plot_every_n_steps"
+    "bisect_tolerance, triage_scope, scoring, warmup_steps, backend, chunk_size, scoring_batch_tokens, plot_every_n_steps"
 )
 
 

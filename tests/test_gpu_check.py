@@ -263,10 +263,14 @@ def test_step_benchmark_keeps_the_measurements_it_finished(tmp_path, monkeypatch
         gpu_step.main(["--device", "cpu", "--tiny", "--layers", "1", "--seq", "16", "--vocab", "97",
                        "--json", str(summary)])
     partial = json.loads(summary.read_text())
-    assert not partial["complete"] and partial["done"] == ["full/torch", "0.25x0.5/torch"]
+    assert not partial["complete"] and partial["done"] == [
+        "full/torch", "0.25x0.5/torch", "consumer/full_mbs1/torch", "consumer/step_0.25x0.5/torch"]
     results = partial["results"]
     assert partial["baseline"] == "full/torch" and partial["step_time_ratio"]["0.25x0.5/torch"] == pytest.approx(
         results["0.25x0.5/torch"]["step_s"] / results["full/torch"]["step_s"], abs=5.1e-4)
+    # the consumer arms are ratios to full-data SFT at their own shape
+    assert partial["step_time_ratio"]["consumer/step_0.25x0.5/torch"] == pytest.approx(
+        results["consumer/step_0.25x0.5/torch"]["step_s"] / results["consumer/full_mbs1/torch"]["step_s"], abs=5.1e-4)
     assert set(partial["stats_pass"]) == {"liger"} and "skipped" in partial["stats_pass"]["liger"]
 
     gpu_check = _gpu_check_module()  # the check reports such a summary as a partial stage

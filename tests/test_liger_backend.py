@@ -588,6 +588,7 @@ def test_gpu_step_benchmark_cpu_paths(capsys, monkeypatch):
     assert gpu_step.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["baseline"] == "full/torch"  # no interpreter here: the liger arms are skipped
-    assert set(summary["step_time_ratio"]) == {"full/torch", "0.25x0.5/torch"}
+    assert set(summary["step_time_ratio"]) == {
+        "full/torch", "0.25x0.5/torch", "consumer/full_mbs1/torch", "consumer/step_0.25x0.5/torch"}
     assert all("skipped" in summary["results"][f"{arm}/liger"] for arm in ("full", "0.25x0.5"))
     assert "skipped" in summary["stats_pass"]["liger"] and summary["stats_pass"]["torch"]["time_ratio"] > 0
