@@ -8,6 +8,7 @@ the same 8 samples in both runs: the single process's i-th is rank ``i % 2``'s `
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -65,6 +66,14 @@ def test_every_rank_runs_qtuning_in_one_triage(ranks):
     merged = merged_selections(ranks)
     assert all(len(step["ppl"]) == MINI_BATCH for step in merged)
     check_selection_records(merged, SECTION["sample_keep_ratio"], SECTION["token_keep_ratio"])
+
+
+def test_no_rank_leaves_its_ddp_model_to_interpreter_shutdown(ranks):
+    """Freed at shutdown, the model's gloo process group can abort a rank after a finished run."""
+    check_finished(ranks)
+    for rank in range(WORLD):
+        alive = json.loads((ranks.probe_dir / f"alive_at_exit.rank{rank}.json").read_text(encoding="utf-8"))
+        assert alive == {"ddp_models": 0}, f"rank {rank}: {alive}"
 
 
 def test_two_ranks_select_and_train_as_one_process_at_the_same_global_batch(ranks, single):

@@ -10,9 +10,13 @@ can redo the algorithm's triage and token budget independently (as
 spans several micro-batches, `reference.scored_alone` under ``alone``. With
 ``QTUNING_KILL_AT_SELECTION=N`` it also kills the process with SIGKILL at its N-th triage (after
 the scoring pass of that step, before its training passes): the fault-injection test,
-``test_kill_resume.py``.
+``test_kill_resume.py``. On a rank of a distributed run it writes, at exit before the interpreter
+shuts down, how many DDP models are still alive to ``QTUNING_PROBE_DIR/alive_at_exit.rank<RANK>.json``
+(one that is, and its process group, would be torn down during interpreter shutdown).
 """
 
+import atexit
+import gc
 import json
 import os
 import signal
@@ -52,5 +56,15 @@ def _install() -> None:
     QTuningTrainerMixin.__init__ = probed_init
 
 
+def _count_ddp_models_at_exit() -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    alive = sum(isinstance(thing, DistributedDataParallel) for thing in gc.get_objects())
+    with open(os.path.join(PROBE_DIR, f"alive_at_exit.rank{os.environ['RANK']}.json"), "w", encoding="utf-8") as handle:
+        json.dump({"ddp_models": alive}, handle)
+
+
 if PROBE_DIR:
     _install()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        atexit.register(_count_ddp_models_at_exit)

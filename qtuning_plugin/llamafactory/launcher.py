@@ -22,6 +22,7 @@ but each rank runs this module's `train`, so every rank trains with Q-Tuning.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -201,6 +202,10 @@ def worker_main() -> None:
         check_environment(os.environ)
         args = read_run_args(sys.argv[1:])
         train(args, pop_section(args))
+        # The trainer's reference cycles still hold the DDP model, and through it gloo's process
+        # group, after run_exp has destroyed the group; freed at interpreter shutdown, gloo's
+        # threads can abort the rank (SIGABRT) after a finished run. Free them while all is alive.
+        gc.collect()
     except QTuningSettingsError as error:
         sys.exit(f"qtuning-llamafactory: {error}")
 
