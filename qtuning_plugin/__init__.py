@@ -1,7 +1,7 @@
 """qtuning-plugin: Q-Tuning (quadrant-based joint sample and token pruning) for SFT.
 
 `QTuningConfig`, the engine (`QTuningEngine`), `select` and the fused ops need only torch and
-pydantic. `QTuningPlugin` (Axolotl) and `QTuningTrainerMixin` (transformers) need their host.
+pydantic; the whole-dataset selection (`select_dataset`, `write_selection`) needs ``datasets`` too. `QTuningPlugin` (Axolotl) and `QTuningTrainerMixin` (transformers) need their host.
 Every name is imported on first use, so that ``import qtuning_plugin`` imports nothing heavy: the
 package's pydantic plugin (`qtuning_plugin.axolotl.guard`) is loaded by every process that uses
 pydantic where the package is installed.
@@ -21,9 +21,11 @@ _LAZY = {
     "prune_tokens": "qtuning_plugin.core",
     "sample_stats": "qtuning_plugin.core",
     "select": "qtuning_plugin.core",
+    "select_dataset": "qtuning_plugin.dataset_selection",
     "token_scores": "qtuning_plugin.core",
     "token_stats": "qtuning_plugin.ops",
     "triage_samples": "qtuning_plugin.core",
+    "write_selection": "qtuning_plugin.dataset_selection",
 }
 
 

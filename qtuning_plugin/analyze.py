@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
@@ -55,6 +55,9 @@ class Scores:
     ppl: list[float]  # perplexity, NaN without trainable tokens
     ent: list[float]  # mean predictive entropy in nats, NaN likewise
     tokens: list[int]  # trainable tokens
+    # with `score_dataset(token_nll=True)`: each row's NLL at its trainable targets, in order
+    # (``[tokens]``, as the scoring forward computed it), for token pruning
+    token_nll: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -139,12 +142,13 @@ def score_dataset(
     batch_size: int,
     pad_token_id: int,
     progress: bool = True,
+    token_nll: bool = False,
 ) -> Scores:
     """PPL, Ent and trainable-token count of every row of a tokenised dataset.
 
     The statistics are those of training's scoring forward (`QTuningEngine.score`, with the
     config's backend and chunk size), averaged over the trainable positions (``labels != -100``
-    after the shift).
+    after the shift). ``token_nll`` also keeps each row's per-token NLL (4 bytes a trainable token).
     """
     from tqdm.auto import tqdm
 
@@ -154,6 +158,7 @@ def score_dataset(
     ppls: list[float] = []
     ents: list[float] = []
     tokens: list[int] = []
+    nlls: list[torch.Tensor] = []
     starts = range(0, len(dataset), batch_size)
     for start in tqdm(starts, desc="qtuning: scoring", unit="batch", disable=not progress):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -163,7 +168,9 @@ def score_dataset(
         ppls += ppl.tolist()
         ents += ent.tolist()
         tokens += batch.mask.sum(dim=1).tolist()
-    return Scores(ppls, ents, tokens)
+        if token_nll:
+            nlls += [row_nll[row_mask].cpu() for row_nll, row_mask in zip(nll, batch.mask)]
+    return Scores(ppls, ents, tokens, nlls)
 
 
 def triage_as_one_batch(ppl: Sequence[float], ent: Sequence[float], config: QTuningConfig) -> Triage:

@@ -1,5 +1,5 @@
-"""`axolotl qtuning analyze`: the one-line errors that need no model. The end-to-end run on the
-tiny example is `integration_tests/test_axolotl_analyze.py`."""
+"""`axolotl qtuning analyze` and `select`: the one-line errors that need no model. The end-to-end
+runs on the tiny example are in `integration_tests/test_axolotl_analyze.py`."""
 
 import pytest
 from click.testing import CliRunner
@@ -47,3 +47,29 @@ def test_max_samples_must_be_positive(tmp_path):
     config.write_text("qtuning: {}\n")
     result = CliRunner().invoke(qtuning, ["analyze", str(config), "--max-samples", "0"])
     assert result.exit_code == 2
+
+
+def test_select_on_a_config_without_datasets_is_an_error_naming_the_key(tmp_path):
+    config = tmp_path / "c.yml"
+    config.write_text("base_model: some/model\nqtuning: {}\n")
+    result = CliRunner().invoke(qtuning, ["select", str(config), "--out", str(tmp_path / "sel")])
+    line = _one_line_error(result, 1)
+    assert line.startswith("Error: ") and "has no `datasets:`" in line, line
+
+
+def test_select_into_a_folder_that_is_not_empty_needs_overwrite(tmp_path):
+    config = tmp_path / "c.yml"
+    config.write_text("base_model: some/model\ndatasets:\n  - path: rows.jsonl\nqtuning: {}\n")
+    out = tmp_path / "sel"
+    out.mkdir()
+    (out / "report.csv").write_text("index\n")
+    result = CliRunner().invoke(qtuning, ["select", str(config), "--out", str(out)])
+    line = _one_line_error(result, 1)
+    assert line.startswith("Error: ") and "exists and is not empty" in line and "--overwrite" in line, line
+
+
+def test_select_window_below_one_is_a_usage_error_naming_the_option(tmp_path):
+    config = tmp_path / "c.yml"
+    config.write_text("qtuning: {}\n")
+    result = CliRunner().invoke(qtuning, ["select", str(config), "--out", str(tmp_path / "sel"), "--window", "0"])
+    assert "Invalid value for '--window'" in _one_line_error(result, 2)

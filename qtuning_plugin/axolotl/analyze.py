@@ -1,5 +1,5 @@
 """`axolotl qtuning analyze CONFIG`: load what `axolotl train CONFIG` would train on, then score and
-triage it with `qtuning_plugin.analyze`.
+triage it with `qtuning_plugin.analyze` (`load` serves `axolotl qtuning select` too).
 
 Model, tokenizer and training dataset come from Axolotl's own `load_cfg`, `load_datasets`,
 `load_tokenizer` and `ModelLoader` (adapters, dtype, chat template, `val_set_size` split and
@@ -9,9 +9,10 @@ filters included).
 from __future__ import annotations
 
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
-from qtuning_plugin.analyze import Analysis, AnalysisError, analyze_scores, score_dataset, write_outputs
+from qtuning_plugin.analyze import Analysis, AnalysisError, Scores, analyze_scores, score_dataset, write_outputs
 from qtuning_plugin.config import QTuningConfig, validate_section
 
 
@@ -36,16 +37,37 @@ def load_qtuning_config(config_path: str) -> QTuningConfig:
         raise AnalysisError(f"invalid `qtuning:` section: {_one_line(error)}") from None
 
 
-def run(
-    config_path: str, *, max_samples: Optional[int] = None, out_dir: Optional[str] = None, progress: bool = True
-) -> tuple[Analysis, dict[str, str]]:
-    """The whole command: load through Axolotl, score, triage, write.
+@dataclass(frozen=True)
+class Loaded:
+    """What `axolotl train CONFIG` would train: the config's sections, its data, tokenizer and model."""
 
-    The per-mini-batch triage groups as many samples as one triage of training sees
-    (`QTuningConfig.triage_batch_size`).
+    config: QTuningConfig
+    cfg: Any  # Axolotl's validated config (DictDefault)
+    train: Any  # the training set (a datasets.Dataset), cut to ``max_samples``
+    eval: Any  # the held-out set, or None
+    tokenizer: Any
+    model: Any
 
-    Returns:
-        The `Analysis` and the paths written (``samples.csv``, ``summary.json``, ``eu_plane.png``).
+    @property
+    def micro_batch_size(self) -> int:
+        return int(self.cfg.micro_batch_size or 1)
+
+    def score(self, *, progress: bool = True, token_nll: bool = False) -> Scores:
+        """`score_dataset` of the training set, a micro-batch per forward."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return score_dataset(
+            self.model,
+            self.train,
+            self.config,
+            batch_size=self.micro_batch_size,
+            pad_token_id=pad,
+            progress=progress,
+            token_nll=token_nll,
+        )
+
+
+def load(config_path: str, *, max_samples: Optional[int] = None) -> Loaded:
+    """Load through Axolotl: config, training (and held-out) set, tokenizer, model.
 
     Raises:
         AnalysisError: a config or data problem, in one line.
@@ -61,20 +83,39 @@ def run(
     except ValueError as error:  # pydantic's ValidationError included
         raise AnalysisError(f"invalid Axolotl config: {_one_line(error)}") from None
     try:
-        dataset = load_datasets(cfg=cfg).train_dataset
+        datasets = load_datasets(cfg=cfg)
     except ValueError as error:  # e.g. Axolotl dropped every sample for having no trainable token
         raise AnalysisError(f"could not load the training dataset: {_one_line(error)}") from None
+    dataset = datasets.train_dataset
     if dataset is None or len(dataset) == 0:
         raise AnalysisError("the training dataset is empty")
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.select(range(max_samples))
     tokenizer = load_tokenizer(cfg)
     model, _ = ModelLoader(cfg, tokenizer).load()
+    return Loaded(config, cfg, dataset, datasets.eval_dataset, tokenizer, model)
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    micro = int(cfg.micro_batch_size or 1)
-    scores = score_dataset(model, dataset, config, batch_size=micro, pad_token_id=pad, progress=progress)
-    mini_batch = config.triage_batch_size(micro, int(cfg.gradient_accumulation_steps or 1), int(cfg.world_size or 1))
+
+def run(
+    config_path: str, *, max_samples: Optional[int] = None, out_dir: Optional[str] = None, progress: bool = True
+) -> tuple[Analysis, dict[str, str]]:
+    """The whole command: load through Axolotl, score, triage, write.
+
+    The per-mini-batch triage groups as many samples as one triage of training sees
+    (`QTuningConfig.triage_batch_size`).
+
+    Returns:
+        The `Analysis` and the paths written (``samples.csv``, ``summary.json``, ``eu_plane.png``).
+
+    Raises:
+        AnalysisError: a config or data problem, in one line.
+    """
+    loaded = load(config_path, max_samples=max_samples)
+    cfg, config = loaded.cfg, loaded.config
+    scores = loaded.score(progress=progress)
+    mini_batch = config.triage_batch_size(
+        loaded.micro_batch_size, int(cfg.gradient_accumulation_steps or 1), int(cfg.world_size or 1)
+    )
     analysis = analyze_scores(scores, config, mini_batch)
     paths = write_outputs(analysis, out_dir or os.path.join(cfg.output_dir or ".", "qtuning-analysis"))
     return analysis, paths

@@ -107,5 +107,66 @@ def analyze(config: str, max_samples: Optional[int], out: Optional[str]) -> None
         click.echo(f"wrote {path}")
 
 
+@qtuning.command(name="select")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output folder for dataset/ (the kept rows) and report.csv; new or empty unless --overwrite.",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Triage consecutive windows of N training rows, each on its own (default: all rows at once).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace the dataset/ and report.csv of an earlier selection in --out.")
+@click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Select from the first N training rows only.")
+def select(config: str, out: str, window: Optional[int], overwrite: bool, max_samples: Optional[int]) -> None:
+    """Select from a config's training set once, before training, and write the kept rows as a dataset.
+
+    Loads model, tokenizer and dataset as `axolotl train CONFIG` would, scores
+    every training row without gradient, triages the rows as one set (or in
+    windows of --window rows) at the config's `qtuning:` ratios, and writes
+    OUT/dataset (the kept rows, pre-tokenized, the pruned tokens of Q2 rows
+    labelled -100; the config's held-out rows as its validation split) and
+    OUT/report.csv (every row's quadrant, PPL, Ent and kept tokens). It prints
+    the config lines that train on the kept rows, with Axolotl or LLaMA-Factory.
+    """
+    from qtuning_plugin.analyze import AnalysisError
+    from qtuning_plugin.axolotl.select import run
+    from qtuning_plugin.dataset_selection import DATASET_DIR, axolotl_lines, llamafactory_lines
+
+    try:
+        selection, paths, with_eval = run(
+            config, out_dir=out, window=window, overwrite=overwrite, max_samples=max_samples
+        )
+    except (AnalysisError, FileExistsError) as error:
+        raise click.ClickException(str(error)) from None
+    rows = selection.report
+    kept = [row for row in rows if row.kept]
+    scope = "all rows at once" if window is None else f"in windows of {window} rows"
+    click.echo(
+        f"\nQ-Tuning selection of {len(rows)} training rows {scope} "
+        f"(sample_keep_ratio={selection.sample_keep_ratio:g}, token_keep_ratio={selection.token_keep_ratio:g})"
+    )
+    click.echo(selection.table())
+    click.echo(
+        f"kept {len(kept)} of {len(rows)} rows and {sum(row.tokens_kept for row in kept)} of "
+        f"{sum(row.trainable_tokens for row in rows)} trainable tokens"
+    )
+    for path in paths.values():
+        click.echo(f"wrote {path}")
+    click.echo(
+        "\nTo train on the kept rows with Axolotl, use these lines in place of the config's "
+        "`datasets:`, `test_datasets:` and `val_set_size:` (Q-Tuning off: the rows are selected already; "
+        "`enabled: true` would select again at every step):\n"
+    )
+    click.echo(axolotl_lines(paths[DATASET_DIR], with_eval=with_eval))
+    click.echo("\nWith LLaMA-Factory (`llamafactory-cli train`):\n")
+    click.echo(llamafactory_lines(paths[DATASET_DIR]))
+
+
 if __name__ == "__main__":
     qtuning()
