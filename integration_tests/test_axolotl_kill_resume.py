@@ -12,7 +12,8 @@ ending in its IEND chunk and decoded by Pillow), and the next run resumes from t
 checkpoint (the newest with a ``trainer_state.json``, which transformers writes last; it must hold
 the ``qtuning_state.json`` written before it) in the same output folder. The last run goes to the
 end; its log history (the killed runs' steps come back from the checkpoints) must hold the
-uninterrupted run's Q-Tuning metrics at every step. Last, a resume from a checkpoint whose
+uninterrupted run's Q-Tuning metrics at every step, and its decision log (``log_decisions``, the
+killed runs' lines of steps past their checkpoint dropped on resume) the uninterrupted run's. Last, a resume from a checkpoint whose
 ``qtuning_state.json`` is cut short stops with the plugin's message.
 """
 
@@ -21,12 +22,16 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
 import pytest
 
 from axolotl_run import check_same_qtuning_metrics, run_axolotl_train, tiny_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import check_same_decisions  # noqa: E402
 
 STATE_NAME = "qtuning_state.json"
 
@@ -48,11 +53,12 @@ OVERRIDES = dict(
     dataset_num_proc=1,
     # SeedPlugin: a run started afresh after a kill draws the same LoRA weights as the uninterrupted one
     plugins=["qtuning_plugin.QTuningPlugin", "qtuning_probe.SeedPlugin", "qtuning_probe.KillPlugin"],
-    qtuning={"plot_every_n_steps": 1},
+    qtuning={"plot_every_n_steps": 1, "log_decisions": True},
 )
 # In the same process: no `accelerate launch` child, so that SIGKILL ends the whole run.
 LAUNCHER = ["--launcher", "python"]
 PNG_NAMES = ("qtuning_eu_plane.png", "qtuning_quadrant_fractions.png")
+DECISIONS_NAME = "qtuning_decisions.jsonl"
 PNG_SIGNATURE, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
 
 
@@ -85,6 +91,7 @@ def check_plugin_files(output_dir: Path) -> None:
     """Every file the plugin wrote under ``output_dir`` is whole."""
     from PIL import Image
 
+    from qtuning_plugin.atomic_files import read_jsonl
     from qtuning_plugin.history import QTuningHistory
 
     for state in output_dir.glob(f"checkpoint-*/{STATE_NAME}"):
@@ -96,9 +103,17 @@ def check_plugin_files(output_dir: Path) -> None:
             assert data.startswith(PNG_SIGNATURE) and data.endswith(PNG_END), f"{path}: {len(data)} bytes, cut short"
             with Image.open(path) as image:
                 image.load()
+    if (output_dir / DECISIONS_NAME).exists():
+        read_jsonl(str(output_dir / DECISIONS_NAME))  # every whole line is JSON; a kill cuts only the last
     # Temporary files of the atomic writer are hidden and never the file itself.
     visible = {path.name for path in output_dir.rglob("*") if "qtuning" in path.name and not path.name.startswith(".")}
-    assert visible <= {STATE_NAME, *PNG_NAMES}, visible
+    assert visible <= {STATE_NAME, *PNG_NAMES, DECISIONS_NAME}, visible
+
+
+def decision_lines(output_dir: Path) -> list[dict]:
+    from qtuning_plugin.atomic_files import read_jsonl
+
+    return read_jsonl(str(output_dir / DECISIONS_NAME))
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +145,7 @@ def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_metrics(tiny_
     print("\n".join(f"kill {spec}: resumed from {start}; newest folder after it: {files}" for spec, start, files in landed))
 
     check_same_qtuning_metrics(full.trainer_state(), run.trainer_state(), STEPS)
+    check_same_decisions(decision_lines(run.output_dir), decision_lines(full.output_dir))
     state = json.loads((run.output_dir / f"checkpoint-{STEPS}" / STATE_NAME).read_text())
     assert {point[4] for point in state["points"]} == set(range(1, STEPS + 1))
 

@@ -19,7 +19,12 @@ from safetensors.torch import load_file
 from axolotl_run import Run, run_axolotl_train, tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference import check_selection_records  # noqa: E402  (SPEC sections 4-5, shared with the unit tests)
+from reference import (  # noqa: E402  (SPEC sections 4-5, shared with the unit tests)
+    check_decision_keys,
+    check_decision_lines,
+    check_decisions_of_selections,
+    check_selection_records,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +55,7 @@ def qtuning_run(tiny_model, tmp_path_factory) -> Run:
         tiny_model,
         steps=STEPS,
         plugins=PROBE,
-        qtuning={"sample_keep_ratio": SAMPLE_KEEP, "token_keep_ratio": TOKEN_KEEP},
+        qtuning={"sample_keep_ratio": SAMPLE_KEEP, "token_keep_ratio": TOKEN_KEEP, "log_decisions": True},
     )
     return run_axolotl_train(config)
 
@@ -169,6 +174,22 @@ def check_records_match_spec(
 def test_qtuning_selection_matches_spec(qtuning_run):
     check_finished(qtuning_run)
     check_selections_match_spec(qtuning_run)
+
+
+def test_decision_log_holds_every_triaged_sample_keyed_by_its_dataset_row(qtuning_run):
+    """``log_decisions``: the triaged samples of every step, as the probe saw them, as SPEC triages
+    their logged statistics, each keyed by the tokens of a row of Axolotl's prepared dataset."""
+    from datasets import load_from_disk
+
+    from qtuning_plugin.atomic_files import read_jsonl
+    from qtuning_plugin.decisions import DECISIONS_NAME
+
+    check_finished(qtuning_run)
+    lines = read_jsonl(str(qtuning_run.output_dir / DECISIONS_NAME))
+    check_decisions_of_selections(lines, qtuning_run.probe()["selections"])
+    check_decision_lines(lines, SAMPLE_KEEP, TOKEN_KEEP)
+    (prepared,) = (qtuning_run.output_dir.parent / "prepared").glob("*/dataset_info.json")
+    check_decision_keys(lines, load_from_disk(str(prepared.parent)))
 
 
 def test_position_ids_absent_in_unpacked_batches(qtuning_run):

@@ -17,11 +17,11 @@ import pytest
 from lf_run import Run, check_finished, example_config, run, tiny_model  # noqa: F401  (a fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference import check_selection_records  # noqa: E402  (SPEC sections 4-5)
+from reference import check_decisions_of_selections, check_selection_records  # noqa: E402  (SPEC sections 4-5)
 
 WORLD, STEPS, ACCUMULATION = 2, 3, 4
 MINI_BATCH = WORLD * ACCUMULATION
-SECTION = {"sample_keep_ratio": 0.25, "token_keep_ratio": 0.5}
+SECTION = {"sample_keep_ratio": 0.25, "token_keep_ratio": 0.5, "log_decisions": True}
 SAMPLE_FIELDS = ("ppl", "ent", "trainable", "kept_tokens", "keep", "q2")
 # Statistics of the whole (gathered) mini-batch; token counts and passes are each rank's own.
 GLOBAL_METRICS = [
@@ -59,6 +59,13 @@ def merged_selections(ranks: Run) -> list[dict]:
     ]
 
 
+def decisions(run: Run) -> list[dict]:
+    from qtuning_plugin.atomic_files import read_jsonl
+    from qtuning_plugin.decisions import DECISIONS_NAME
+
+    return read_jsonl(str(run.output_dir / DECISIONS_NAME))
+
+
 def test_every_rank_runs_qtuning_in_one_triage(ranks):
     check_finished(ranks)
     assert f"Initializing {WORLD} distributed tasks" in ranks.output
@@ -66,6 +73,8 @@ def test_every_rank_runs_qtuning_in_one_triage(ranks):
     merged = merged_selections(ranks)
     assert all(len(step["ppl"]) == MINI_BATCH for step in merged)
     check_selection_records(merged, SECTION["sample_keep_ratio"], SECTION["token_keep_ratio"])
+    # The main process's decision log: both ranks' samples of every triage, in rank order.
+    check_decisions_of_selections(decisions(ranks), merged)
 
 
 def test_no_rank_leaves_its_ddp_model_to_interpreter_shutdown(ranks):
@@ -90,6 +99,9 @@ def test_two_ranks_select_and_train_as_one_process_at_the_same_global_batch(rank
                 assert got[key] == want[key], (step, i, key)
             assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
             assert got["ent"] == pytest.approx(want["ent"], rel=1e-5)
+    # The same decisions about the same samples (the single process's in another order).
+    by_sample = [{(line["step"], line["key"]): line["quadrant"] for line in decisions(run)} for run in (ranks, single)]
+    assert len(by_sample[0]) == STEPS * MINI_BATCH and by_sample[0] == by_sample[1]
     ranks_logs, single_logs = ranks.train_logs(), single.train_logs()
     assert len(ranks_logs) == len(single_logs) == STEPS
     for got, want in zip(ranks_logs, single_logs):

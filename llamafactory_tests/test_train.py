@@ -17,7 +17,12 @@ from safetensors.torch import load_file
 from lf_run import Run, check_finished, example_config, run, tiny_model  # noqa: F401  (a fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference import check_selection_records  # noqa: E402  (SPEC sections 4-5)
+from reference import (  # noqa: E402  (SPEC sections 4-5)
+    check_decision_keys,
+    check_decision_lines,
+    check_decisions_of_selections,
+    check_selection_records,
+)
 
 STEPS = 6
 MINI_BATCH = 8  # the example's 1 x 8
@@ -30,11 +35,12 @@ MODEL_LOADED = "trainable params"  # LLaMA-Factory's log line once the model is 
 @pytest.fixture(scope="module")
 def qtuning_run(tiny_model, tmp_path_factory) -> Run:  # noqa: F811
     """The example with a `qtuning:` section, and overrides on the command line: one of ours
-    (`qtuning.sample_keep_ratio`) and one of LLaMA-Factory's (`max_steps`)."""
+    (`qtuning.sample_keep_ratio`) and one of LLaMA-Factory's (`max_steps`); the tokenised dataset
+    saved (``tokenized_path``) for the decision log's keys."""
     workdir = tmp_path_factory.mktemp("qtuning")
     config = example_config(
-        workdir, tiny_model, steps=STEPS - 2, qtuning=YAML_SECTION,
-        val_size=0.05, eval_strategy="steps", eval_steps=STEPS,
+        workdir, tiny_model, steps=STEPS - 2, qtuning={**YAML_SECTION, "log_decisions": True},
+        val_size=0.05, eval_strategy="steps", eval_steps=STEPS, tokenized_path=str(workdir / "tokenized"),
     )
     overrides = [f"qtuning.sample_keep_ratio={SAMPLE_KEEP}", f"max_steps={STEPS}"]
     return run(["qtuning-llamafactory", "train", str(config), *overrides], workdir, probe=True)
@@ -63,6 +69,22 @@ def test_overrides_reach_both_parsers_and_the_selection_follows_the_spec(qtuning
     target = max(1, round(SAMPLE_KEEP * MINI_BATCH))
     kept = [sum(record["keep"]) for record in selections]
     assert all(k >= target for k in kept) and sum(kept) < MINI_BATCH * STEPS * 0.5, kept
+
+
+def test_decision_log_holds_every_triaged_sample_keyed_by_its_dataset_row(qtuning_run):
+    """``log_decisions``: the triaged samples of every step, as the probe saw them, as SPEC triages
+    their logged statistics, each keyed by the tokens of a row of the tokenised dataset."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    from qtuning_plugin.atomic_files import read_jsonl
+    from qtuning_plugin.decisions import DECISIONS_NAME
+
+    check_finished(qtuning_run)
+    lines = read_jsonl(str(qtuning_run.output_dir / DECISIONS_NAME))
+    check_decisions_of_selections(lines, qtuning_run.selections())
+    check_decision_lines(lines, SAMPLE_KEEP, TOKEN_KEEP)
+    splits = load_from_disk(str(qtuning_run.output_dir.parent / "tokenized"))
+    check_decision_keys(lines, concatenate_datasets(list(splits.values())))
 
 
 def test_metrics_in_trainer_state_and_the_llamaboard_log(qtuning_run):

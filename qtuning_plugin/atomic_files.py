@@ -6,8 +6,8 @@ Every file the plugin writes goes through here:
   target's folder, is flushed and synced to disk, then renamed over the target (`os.replace`,
   atomic on POSIX and Windows). A kill at any moment leaves the old file or the new one, never
   a mix; a failure while writing removes the temporary file and leaves the old file as it was.
-* `append_jsonl` and `read_jsonl`: a JSON Lines log grown one record at a time. Each record is
-  one ``write`` of a whole line, synced to disk, so that a kill can cut at most the last line;
+* `append_jsonl` and `read_jsonl`: a JSON Lines log grown a few records at a time. The records of
+  one call are one ``write`` of whole lines, synced to disk, so that a kill can cut at most the last line;
   `read_jsonl` drops such a cut line (one without its newline), and the next `append_jsonl`
   removes it before appending. A line that ends in a newline but is not JSON cannot come from a
   kill: reading it raises `JsonlError` naming the file and the line.
@@ -87,21 +87,21 @@ class JsonlError(ValueError):
     """A JSON Lines file with a complete line that is not JSON (not something a kill leaves)."""
 
 
-def append_jsonl(path: str, record: Any) -> None:
-    """Append ``record`` to ``path`` as one JSON line: a single write of the whole line, synced.
+def append_jsonl(path: str, *records: Any) -> None:
+    """Append each of ``records`` to ``path`` as one JSON line: a single write of the whole lines, synced.
 
     A line cut short by an earlier kill (the file not ending in a newline) is removed first, so
     that it never ends up in the middle of the file.
     """
-    line = (json.dumps(record) + "\n").encode("utf-8")
+    lines = "".join(json.dumps(record) + "\n" for record in records).encode("utf-8")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             os.ftruncate(fd, _complete_length(fd, size))
-        written = os.write(fd, line)
-        while written < len(line):  # only on a full disk or a signal; the reader drops a cut line
-            written += os.write(fd, line[written:])
+        written = os.write(fd, lines)
+        while written < len(lines):  # only on a full disk or a signal; the reader drops a cut line
+            written += os.write(fd, lines[written:])
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -104,6 +104,14 @@ class QTuningConfig(BaseModel):
         ge=0,
         description="Write the EU-plane and quadrant plots every N optimizer steps (0: only at the end).",
     )
+    log_decisions: bool = Field(
+        default=False,
+        description=(
+            "Write output_dir/qtuning_decisions.jsonl on the main process: one line per triaged sample (every "
+            "rank's) with the optimizer step, the sample's key (a hash of its token ids), quadrant, PPL, Ent, "
+            "trainable and kept tokens."
+        ),
+    )
 
     @model_validator(mode="after")
     def _single_pass_needs_micro_batch_scope(self) -> "QTuningConfig":

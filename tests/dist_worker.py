@@ -16,7 +16,8 @@ process's results on the concatenated batch. Scenarios:
 * ``trainer/<scope>/<run>`` (with the ``trainer`` argument): `Trainer.train` with
   `QTuningTrainerMixin` for a few optimizer steps under DDP, DeepSpeed ZeRO-2 and
   ZeRO-3 (`TRAINER_RUNS`): the dataset rows each rank fetched, every `select`
-  call, and the trainable parameters after every optimizer step.
+  call, the trainable parameters after every optimizer step, and on rank 0 the lines of
+  ``qtuning_decisions.jsonl``.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def run_fsdp1(rank: int, lora: bool) -> dict:
 # ---------------------------------------------------------------- Trainer runs
 TRAINER_ROWS, TRAINER_LENGTH = 48, 16
 TRAINER_MICRO_BATCH, TRAINER_ACCUMULATION, TRAINER_STEPS = 4, 2, 3
-TRAINER_QTUNING = {"sample_keep_ratio": 0.25, "token_keep_ratio": 0.5}
+TRAINER_QTUNING = {"sample_keep_ratio": 0.25, "token_keep_ratio": 0.5, "log_decisions": True}
 #: Triage scopes to run, passed to the worker's QTuningConfig as ``triage_scope``.
 TRAINER_SCOPES = ("micro_batch", "step")
 #: Rows without any trainable token: with the sequential sampler, rank 1's first micro-batch
@@ -347,11 +348,15 @@ def run_trainer(engine: str, model_kind: str, scope: str) -> dict:
             "stage": wrapped.zero_optimization_stage(),
             "offload": bool(wrapped.zero_offload_optimizer() and wrapped.zero_offload_param()),
         }
+    from qtuning_plugin.atomic_files import read_jsonl
+    from qtuning_plugin.decisions import DECISIONS_NAME
+
     return {
         "wrapper": (type(wrapped).__name__, zero),
         "fetched": rows.fetched,
         "selections": selections,
         "params": parameters.steps,
+        "decisions": read_jsonl(os.path.join(args.output_dir, DECISIONS_NAME)) if dist.get_rank() == 0 else None,
     }
 
 

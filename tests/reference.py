@@ -6,7 +6,9 @@ interpolation, ``torch.quantile``'s default). The tests (`tests/test_triage.py`,
 `integration_tests/test_axolotl_train.py`) and the quality benchmark's fidelity check
 (`benchmarks/quality/run.py`) compare the package against it; `check_selection_records` checks the
 selections that the end-to-end runs record (Axolotl and LLaMA-Factory), and, where the probe
-redid a triage with every micro-batch scored alone (`scored_alone`), that it selects the same.
+redid a triage with every micro-batch scored alone (`scored_alone`), that it selects the same;
+`check_decision_lines` checks the lines of a run's ``qtuning_decisions.jsonl`` (``log_decisions``)
+likewise.
 """
 
 from __future__ import annotations
@@ -204,3 +206,57 @@ def check_selection_records(records: Sequence[dict], sample_keep: float, token_k
         if alone is not None:
             assert (alone["keep"], alone["q2"], alone["same_kept_tokens"]) == (record["keep"], record["q2"], True), step
             assert alone["ppl_max_rel_diff"] <= ALONE_PPL_RTOL and alone["ent_max_abs_diff"] <= ALONE_ENT_ATOL, alone
+
+
+def check_decision_lines(lines: Sequence[dict], sample_keep: float, token_keep: float) -> None:
+    """The lines of a ``log_decisions`` file, one triage per optimizer step: each step's lines are
+    SPEC's triage of their logged (PPL, Ent) (quadrant, fill-up) and token budget (kept tokens)."""
+    steps = [line["step"] for line in lines]
+    assert steps == sorted(steps), steps
+    for step in sorted(set(steps)):
+        group = [line for line in lines if line["step"] == step]
+        reference = reference_triage([line["ppl"] for line in group], [line["ent"] for line in group], sample_keep)
+        assert [line["quadrant"] for line in group] == reference.quadrant, step
+        assert [line["filled"] for line in group] == reference.filled, step
+        for line in group:
+            length = line["trainable_tokens"]
+            expected = {"Q2": max(1, math.floor(token_keep * length)), "Q4": length}.get(line["quadrant"], 0)
+            assert line["kept_tokens"] == expected, (step, line)
+
+
+DECISION_STATISTICS = ("ppl", "ent")
+
+
+def check_same_decisions(got: Sequence[dict], expected: Sequence[dict], rel: float = 1e-6) -> None:
+    """Two decision logs line for line: the same fields, PPL and Ent within ``rel``."""
+    def decisions(lines):
+        return [{key: value for key, value in line.items() if key not in DECISION_STATISTICS} for line in lines]
+
+    assert decisions(got) == decisions(expected)
+    for got_line, expected_line in zip(got, expected):
+        for key in DECISION_STATISTICS:
+            assert math.isclose(got_line[key], expected_line[key], rel_tol=rel), (key, got_line, expected_line)
+
+
+def check_decisions_of_selections(lines: Sequence[dict], selections: Sequence[dict]) -> None:
+    """A decision log holds, step after step (one triage per optimizer step), the samples with a
+    trainable token of the selections an end-to-end probe recorded (`selection_record`)."""
+    expected = [
+        (step, ppl, ent, length, kept)
+        for step, record in enumerate(selections, start=1)
+        for ppl, ent, length, kept in zip(record["ppl"], record["ent"], record["trainable"], record["kept_tokens"])
+        if length > 0
+    ]
+    got = [(line["step"], line["ppl"], line["ent"], line["trainable_tokens"], line["kept_tokens"]) for line in lines]
+    assert got == expected
+
+
+def check_decision_keys(lines: Sequence[dict], rows: Sequence[dict]) -> None:
+    """Each line's key is that of a tokenised dataset row (`sample_key` of its ``input_ids``), and its
+    trainable tokens are that row's (``labels`` other than -100 after the first position)."""
+    from qtuning_plugin.sample_key import sample_key
+
+    trainable = {sample_key(row["input_ids"]): sum(label != -100 for label in row["labels"][1:]) for row in rows}
+    unknown = [line for line in lines if line["key"] not in trainable]
+    assert not unknown, unknown[:3]
+    assert [line["trainable_tokens"] for line in lines] == [trainable[line["key"]] for line in lines]

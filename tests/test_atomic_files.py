@@ -100,6 +100,17 @@ def test_appended_records_read_back_in_order(tmp_path):
     assert open(path, "rb").read().count(b"\n") == 3
 
 
+def test_several_records_of_one_append_are_one_line_each(tmp_path, monkeypatch):
+    path = str(tmp_path / "samples.jsonl")
+    append_jsonl(path, RECORDS[0])
+    writes = []
+    write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(data) or write(fd, data))
+    append_jsonl(path, *RECORDS[1:])
+    assert len(writes) == 1 and writes[0].count(b"\n") == 2  # one write of whole lines
+    assert read_jsonl(path) == RECORDS
+
+
 @pytest.mark.parametrize("cut", [1, 5, 12])
 def test_a_cut_last_line_is_dropped_and_removed_by_the_next_append(tmp_path, cut):
     path = tmp_path / "samples.jsonl"

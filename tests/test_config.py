@@ -12,6 +12,7 @@ def test_paper_defaults():
     assert (config.sample_keep_ratio, config.token_keep_ratio, config.context_weight) == (0.25, 0.5, 0.5)
     assert (config.max_bisect_iters, config.bisect_tolerance) == (10, 0.01)
     assert (config.scoring, config.backend, config.warmup_steps) == ("auto", "auto", 0)
+    assert not config.log_decisions
 
 
 @pytest.mark.parametrize(
@@ -30,6 +31,7 @@ def test_paper_defaults():
         ("scoring", "three_pass"),
         ("backend", "cuda"),
         ("sample_keep_ratio", "a quarter"),
+        ("log_decisions", "every step"),
     ],
 )
 def test_out_of_range_values_name_the_key(key, value):
@@ -62,7 +64,8 @@ def test_triage_batch_size(scope, expected):
 # Every key of the `qtuning:` section, in the order of the schema, written out here.
 KEYS = (
     "enabled, sample_keep_ratio, token_keep_ratio, context_weight, prune_highest_scores, max_bisect_iters, "
-    "bisect_tolerance, triage_scope, scoring, warmup_steps, backend, chunk_size, scoring_batch_tokens, plot_every_n_steps"
+    "bisect_tolerance, triage_scope, scoring, warmup_steps, backend, chunk_size, scoring_batch_tokens, plot_every_n_steps, "
+    "log_decisions"
 )
 
 

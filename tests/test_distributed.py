@@ -14,12 +14,15 @@ import pytest
 import torch
 
 from qtuning_plugin import QTuningConfig, select
+from qtuning_plugin.core.triage import NO_TARGET, QUADRANTS
 from qtuning_plugin.modeling import final_hidden_states, lm_head_parameters, shifted_targets, unwrap_causal_lm
 from qtuning_plugin.ops.backends import TORCH
 from qtuning_plugin.engine import kept_token_loss
+from qtuning_plugin.sample_key import sample_key
 
 import dist_worker as worker
 from conftest import tiny_llama
+from reference import check_same_decisions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -175,12 +178,33 @@ def _triage_units(scope, fetched):
     ]
 
 
+def _decision_lines(step: int, rows: dict, indices: list[int], selection) -> list[dict]:
+    """The decision log's lines of one triage of the dataset ``rows`` at ``indices``: its samples with
+    a trainable token, each keyed by its row's tokens (padding left out)."""
+    lines = []
+    for i, row in enumerate(indices):
+        if int(selection.quadrant[i]) == NO_TARGET:
+            continue
+        lines.append({
+            "step": step,
+            "key": sample_key(rows["input_ids"][row][rows["attention_mask"][row] != 0]),
+            "quadrant": QUADRANTS[int(selection.quadrant[i])],
+            "ppl": float(selection.ppl[i]),
+            "ent": float(selection.ent[i]),
+            "trainable_tokens": int((rows["labels"][row][1:] != -100).sum()),
+            "kept_tokens": int(selection.token_mask[i].sum()),
+            "filled": bool(selection.filled[i]),
+        })
+    return lines
+
+
 @pytest.mark.parametrize("scope", worker.TRAINER_SCOPES)
 @pytest.mark.parametrize("name", list(worker.TRAINER_RUNS))
 def test_trainer_run_selects_as_one_process_on_the_concatenated_batch(ranks, scope, name):
     """At every triage of a few `Trainer.train` steps, each rank's selection is its share of what one
     process selects on the ranks' rows together, with the parameters the run had then; a rank that
-    keeps no sample (no trainable token in its micro-batch) trains on and nothing hangs."""
+    keeps no sample (no trainable token in its micro-batch) trains on and nothing hangs. The main
+    process's decision log holds every rank's samples of each triage, keyed by the rows' tokens."""
     runs = _trainer_run(ranks, scope, name)
     fetched = [run["fetched"] for run in runs]
     assert not set(fetched[0]) & set(fetched[1])
@@ -190,7 +214,7 @@ def test_trainer_run_selects_as_one_process_on_the_concatenated_batch(ranks, sco
     config = worker.qtuning_settings(scope)
     step_params = [{}] + runs[0]["params"]  # the parameters each optimizer step started from
     assert len(step_params) == worker.TRAINER_STEPS + 1
-    kept_per_rank = []
+    kept_per_rank, decisions = [], []
     for index, (step, rank_rows) in enumerate(units):
         assert not model.load_state_dict(step_params[step], strict=False).unexpected_keys
         batch = {key: value[rank_rows[0] + rank_rows[1]] for key, value in rows.items()}
@@ -202,8 +226,10 @@ def test_trainer_run_selects_as_one_process_on_the_concatenated_batch(ranks, sco
             assert torch.equal(got["sample_mask"], reference.sample_mask[share]), (index, rank)
             assert torch.equal(got["token_mask"], reference.token_mask[share]), (index, rank)
         kept_per_rank.append([int(reference.sample_mask[:first].sum()), int(reference.sample_mask[first:].sum())])
+        decisions += _decision_lines(step + 1, rows, rank_rows[0] + rank_rows[1], reference)
     for run in runs:
         assert len(run["selections"]) == len(units)
+    check_same_decisions(runs[0]["decisions"], decisions, rel=1e-5)
     if scope == "micro_batch":  # rank 1's first micro-batch has no trainable token: it keeps nothing there
         assert any(min(kept) == 0 < max(kept) for kept in kept_per_rank), kept_per_rank
 

@@ -1,4 +1,5 @@
-"""Checkpoint and resume: a run resumed from checkpoint-3 selects, logs and plots as the uninterrupted run.
+"""Checkpoint and resume: a run resumed from checkpoint-3 selects, logs, plots and writes its decision
+log as the uninterrupted run.
 
 The tiny LoRA Llama (dropout 0) under a plain `transformers.Trainer` with the
 mixin: its sampler is seeded and resuming skips the consumed batches, so
@@ -15,13 +16,16 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qtuning_plugin import QTuningConfig, QTuningTrainerMixin
+from qtuning_plugin.atomic_files import read_jsonl
+from qtuning_plugin.decisions import DECISIONS_NAME
 from qtuning_plugin.history import STATE_NAME, quadrant_fractions
 from qtuning_plugin.plots import EU_PLANE_PNG, QUADRANTS_PNG
 
 from conftest import Rows, random_batch, tiny_llama
+from reference import check_same_decisions
 
 STEPS, SAVE_AT = 6, 3
-CONFIG = {"sample_keep_ratio": 0.5, "token_keep_ratio": 0.5, "warmup_steps": 4}
+CONFIG = {"sample_keep_ratio": 0.5, "token_keep_ratio": 0.5, "warmup_steps": 4, "log_decisions": True}
 
 
 class RecordingTrainer(QTuningTrainerMixin, Trainer):
@@ -94,6 +98,10 @@ def runs(tmp_path_factory, request):
     full.train()
     first = make_trainer(root / "split", request.param, stop_at=SAVE_AT)
     first.train()
+    # What a run killed at step 7 would have left of the decision log: steps past the checkpoint,
+    # the last line cut short.
+    leftover = (root / "full" / DECISIONS_NAME).read_text(encoding="utf-8") + '{"step": 7, "ke'
+    (root / "split" / DECISIONS_NAME).write_text(leftover, encoding="utf-8")
     resumed = make_trainer(root / "split", request.param)
     resumed.train(resume_from_checkpoint=str(root / "split" / f"checkpoint-{SAVE_AT}"))
     return full, first, resumed
@@ -138,6 +146,13 @@ def test_resumed_metrics_continue_the_uninterrupted_ones(runs):
     for got_point, expected_point in zip(resumed.qtuning_history.points, full.qtuning_history.points):
         assert got_point[2:] == expected_point[2:]  # quadrant, fill-up flag, step
         assert got_point[:2] == pytest.approx(expected_point[:2], rel=1e-6)  # PPL, Ent
+
+
+def test_the_resumed_decision_log_is_the_uninterrupted_runs(runs):
+    full, _, resumed = runs
+    expected = read_jsonl(os.path.join(full.args.output_dir, DECISIONS_NAME))
+    assert [line["step"] for line in expected] == [5] * 8 + [6] * 8  # warm-up steps triage nothing
+    check_same_decisions(read_jsonl(os.path.join(resumed.args.output_dir, DECISIONS_NAME)), expected)
 
 
 REQUIRED_METRICS = [

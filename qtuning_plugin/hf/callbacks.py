@@ -1,11 +1,13 @@
-"""Q-Tuning's pictures of a training run in ``output_dir`` (`QTuningPlotCallback`); its state goes
-into every checkpoint through `QTuningTrainerMixin._save_checkpoint`."""
+"""Q-Tuning's pictures of a training run in ``output_dir`` (`QTuningPlotCallback`) and the start of
+its decision log (`QTuningDecisionsCallback`); its state goes into every checkpoint through
+`QTuningTrainerMixin._save_checkpoint`."""
 
 from __future__ import annotations
 
 from transformers import TrainerCallback
 
 from qtuning_plugin._logging import LOG
+from qtuning_plugin.decisions import DecisionLog
 from qtuning_plugin.history import QTuningHistory
 
 
@@ -51,3 +53,13 @@ class QTuningPlotCallback(TrainerCallback):
             return
         LOG.info("qtuning: plots written to %s", ", ".join(paths))
 
+
+class QTuningDecisionsCallback(TrainerCallback):
+    """``log_decisions``: when training starts (afresh, or resumed at the checkpoint's step, which
+    the Trainer has read by then), the decision log keeps only the lines of the steps before it."""
+
+    def __init__(self, decisions: DecisionLog):
+        self.decisions = decisions
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.decisions.restart(state.global_step)

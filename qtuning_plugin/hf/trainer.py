@@ -40,7 +40,8 @@ class QTuningTrainerMixin:
 
     Put it first among the bases. The settings come from the ``qtuning_config`` keyword (a
     `QTuningConfig` or a dict), else from ``args.qtuning`` (how Axolotl passes them), else the
-    defaults. ``qtuning_on_selection`` is called with the `SelectionEvent` of every triage.
+    defaults. ``qtuning_on_selection`` is called with the `SelectionEvent` of every triage; with
+    ``log_decisions`` a `qtuning_plugin.decisions.DecisionLog` writes every triaged sample's line.
     Evaluation, and training with ``enabled=False``, use the wrapped trainer's own loss untouched.
     """
 
@@ -67,9 +68,17 @@ class QTuningTrainerMixin:
             check_trainer(self)
             if not from_args:  # Axolotl's plugin has logged it already, before the model loaded
                 LOG.info("Q-Tuning is active: %s", self.qtuning_config.describe())
-            from qtuning_plugin.hf.callbacks import QTuningPlotCallback
+            from qtuning_plugin.hf.callbacks import QTuningDecisionsCallback, QTuningPlotCallback
 
             self.add_callback(QTuningPlotCallback(self.qtuning_history, self.qtuning_config.plot_every_n_steps))
+            if self.qtuning_config.log_decisions:
+                from qtuning_plugin.decisions import DecisionLog
+
+                decisions = DecisionLog(
+                    self.args.output_dir, self.is_world_process_zero(), self.qtuning_engine.data_parallel
+                )
+                self.qtuning_engine.listeners.append(decisions.record_event)
+                self.add_callback(QTuningDecisionsCallback(decisions))
 
     def qtuning_prepare_inputs(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> dict[str, Any]:
         """A training micro-batch as the wrapped trainer's ``compute_loss`` would hand it to the model.
