@@ -190,7 +190,7 @@ _earlier = st.integers(min_value=0, max_value=64).flatmap(
 )
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(batch=_batches, earlier=_earlier, ratio=_ratios, hold=st.booleans(), data=st.data())
 def test_pooled_triage_is_the_transcription(batch, earlier, ratio, hold, data):
     """`triage_samples` with a window's earlier samples and a held budget against
@@ -216,7 +216,7 @@ def test_pooled_triage_is_the_transcription(batch, earlier, ratio, hold, data):
         assert int(result.keep.sum()) == result.target
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(batch=_batches, ratio=_ratios)
 def test_without_earlier_samples_or_a_held_budget_the_triage_is_the_papers(batch, ratio):
     """An empty window and ``hold_budget=False`` change nothing: the paper's rule, bit for bit."""
