@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
-from reference import reference_kept_tokens, reference_triage  # noqa: E402
+from reference import reference_kept_tokens, reference_pooled_triage, reference_triage  # noqa: E402
 from test_quality_real import model_dir  # noqa: E402  (QTUNING_REAL_SMOKE and the model folder)
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,8 @@ BUDGETS = {"25x50": (0.25, 0.5), "12.5x50": (0.125, 0.5), "25x70": (0.25, 0.7)}
 def quick_run(tmp_path_factory):
     out, model = tmp_path_factory.mktemp("quality_selection"), model_dir()
     proc = subprocess.run(
-        [sys.executable, str(RUN), "--model", str(model), "--quick", "--out", str(out), "--dump-groups", str(GROUPS)],
+        [sys.executable, str(RUN), "--model", str(model), "--quick", "--out", str(out), "--dump-groups", str(GROUPS),
+         "--cache-dir", str(out / "cache")],  # scored here, not read from an earlier run's cache
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -98,6 +99,33 @@ def test_kept_count_is_the_budget_unless_the_quadrants_keep_more(quick_run):
             assert cell["kept_per_group"]["value"] >= target, (budget, size)
             if cell["fill_up_share"]["value"] > 0:
                 assert cell["kept_at_target_share"]["value"] > 0, (budget, size)
+
+
+def test_window_replay_matches_the_transcription(quick_run):
+    """The 4-step window arm at 25%, every dumped run of steps recomputed with
+    `reference_pooled_triage` (docs/algorithm.md section 4a): kept-noise share and kept / K; and
+    every arm that holds the budget keeps exactly K."""
+    result, _, _ = quick_run
+    dump = result["dump"]["base"]["30%"]
+    warm, kinds = dump["uncounted_first_steps"], dump["kinds"]
+    for size, runs in dump["chains"].items():
+        kept = corrupted = target = 0
+        for steps in runs:
+            for index, members in enumerate(steps):
+                earlier = [i for past in steps[max(0, index - 3):index] for i in past]
+                t = reference_pooled_triage([dump["ppl"][i] for i in members], [dump["ent"][i] for i in members],
+                                            [dump["ppl"][i] for i in earlier], [dump["ent"][i] for i in earlier],
+                                            0.25, hold=True)
+                if index >= warm:
+                    chosen = [i for i, k in zip(members, t.keep) if k]
+                    kept, target = kept + len(chosen), target + t.target
+                    corrupted += sum(kinds[i] != "clean" for i in chosen)
+        cell = result["windows"]["base"]["25x50"][size]
+        assert math.isclose(cell["4"]["kept_corrupted_share"]["value"], corrupted / kept), size
+        assert kept == target and cell["4"]["kept_over_target"]["value"] == 1.0
+        for arm in ("1 held", "16"):
+            assert cell[arm]["kept_over_target"]["value"] == 1.0, (size, arm)
+        assert cell["1"]["kept_over_target"]["value"] >= 1.0
 
 
 def test_clean_data_keeps_no_corrupted_sample_and_base_rates_are_the_data(quick_run):

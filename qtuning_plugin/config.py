@@ -56,6 +56,26 @@ class QTuningConfig(BaseModel):
         gt=0.0,
         description="Bisection stops once |kept fraction - sample_keep_ratio| is below this, > 0.",
     )
+    triage_window: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "Optimizer steps whose samples the triage thresholds rest on, >= 1: the quantiles and the bisection "
+            "run on the (PPL, Ent) of this step's samples and those of the triage_window - 1 steps before it "
+            "(every rank's), and the step keeps exactly round(sample_keep_ratio x its samples) of its own. "
+            "1: the paper's rule, on the step alone. An extension beyond the paper (docs/algorithm.md section 4a); "
+            "triage_scope step only."
+        ),
+    )
+    hold_budget: Optional[bool] = Field(
+        default=None,
+        description=(
+            "true: each triage keeps exactly max(1, round(sample_keep_ratio x its samples)); where more qualify, "
+            "those with the lowest fill-up score are dropped. false: the paper's rule, every sample the "
+            "thresholds put in Q2 or Q4 is kept (at least that many). null: held where triage_window > 1, "
+            "else the paper's rule."
+        ),
+    )
     triage_scope: Literal["step", "micro_batch"] = Field(
         default="step",
         description=(
@@ -131,6 +151,26 @@ class QTuningConfig(BaseModel):
                 "its own. Remove the key or use `triage_scope: step`"
             )
         return self
+
+    @model_validator(mode="after")
+    def _window_needs_step_scope_and_a_held_budget(self) -> "QTuningConfig":
+        if self.triage_window > 1 and self.triage_scope != "step":
+            raise ValueError(
+                f"qtuning.triage_window: {self.triage_window} pools the samples of whole optimizer steps, so it "
+                "needs `triage_scope: step`; use `triage_window: 1` under `micro_batch`"
+            )
+        if self.triage_window > 1 and self.hold_budget is False:
+            raise ValueError(
+                f"qtuning.hold_budget: false keeps every sample that the thresholds qualify, and with "
+                f"`triage_window: {self.triage_window}` the window's thresholds may qualify any number of a "
+                "step's samples, so a window holds the budget: remove `hold_budget` or set it true"
+            )
+        return self
+
+    @property
+    def holds_budget(self) -> bool:
+        """Whether a triage keeps exactly its budget (``hold_budget``; null: where ``triage_window`` > 1)."""
+        return self.hold_budget if self.hold_budget is not None else self.triage_window > 1
 
     def triage_batch_size(self, micro_batch_size: int, gradient_accumulation_steps: int, world_size: int) -> int:
         """The samples one triage sees (the mini-batch): ``micro_batch_size x world_size``, times

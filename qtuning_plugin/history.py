@@ -7,7 +7,9 @@ The trainer mixin owns one (``trainer.qtuning_history``). It holds
   averaged into the ``qtuning/`` metrics at the next one,
 * the running token totals behind ``qtuning/tokens_saved_frac_cumulative``,
 * a bounded reservoir of the most recent per-sample points (`EUPoint`) and the
-  last mini-batch's thresholds, for the EU-plane plot.
+  last mini-batch's thresholds, for the EU-plane plot,
+* the triage window (`TriageWindow`, the engine's: the earlier steps' samples that
+  ``triage_window`` > 1 pools for the thresholds).
 
 The logged metrics themselves live in the trainer's ``state.log_history``
 (checkpointed by transformers); `quadrant_fractions` reads the quadrant plot's
@@ -28,17 +30,21 @@ from collections import defaultdict, deque
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 
 from qtuning_plugin.atomic_files import write_json
+from qtuning_plugin._logging import LOG
 from qtuning_plugin.core.triage import NO_TARGET, QUADRANTS, Triage
+from qtuning_plugin.core.window import TriageWindow
 from qtuning_plugin.rules import QTuningSettingsError
 
 if TYPE_CHECKING:
     from qtuning_plugin.engine import SelectionEvent
 
 STATE_NAME = "qtuning_state.json"
-# Version 1 also held a copy of the logged metrics ("steps"), read now from the trainer's log history.
-STATE_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Version 1 also held a copy of the logged metrics ("steps"), read now from the trainer's log history;
+# version 3 added the triage window ("window").
+STATE_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 STATE_KEYS = ("pending", "tokens", "points", "thresholds")
+WINDOW_SINCE = 3
 # Per-sample points kept for the EU-plane plot (the most recent ones).
 MAX_POINTS = 2000
 THRESHOLDS = ("ppl_hi", "ppl_lo", "ent_lo", "ent_hi")
@@ -81,8 +87,8 @@ def quadrant_fractions(log_history: Sequence[dict[str, Any]]) -> dict[str, list[
 # What deleting a state file loses, for `QTuningStateError`.
 RESET_BY_DELETING = (
     "the running totals behind qtuning/tokens_saved_frac_cumulative restart from zero, the statistics "
-    "waiting for the next logging step are dropped, and the EU-plane plot shows only the samples of the "
-    "steps after the resume; the model, optimizer, scheduler, step count and the logged metrics (the "
+    "waiting for the next logging step are dropped, the EU-plane plot shows only the samples of the "
+    "steps after the resume, and a triage window (triage_window > 1) starts empty; the model, optimizer, scheduler, step count and the logged metrics (the "
     "quadrant plot) resume from the checkpoint as usual"
 )
 
@@ -139,7 +145,8 @@ def _state_problem(text: str) -> Optional[str]:
             f"has format version {version!r}, which this release cannot read (it reads versions {readable}; "
             f"a newer qtuning-plugin may have written it: pip install -U qtuning-plugin)"
         )
-    missing = [key for key in STATE_KEYS if key not in state]
+    required = STATE_KEYS + (("window",) if version >= WINDOW_SINCE else ())
+    missing = [key for key in required if key not in state]
     if missing:
         return f"is not a Q-Tuning state (version {version} without {', '.join(missing)})"
     return None
@@ -148,8 +155,9 @@ def _state_problem(text: str) -> Optional[str]:
 class QTuningHistory:
     """The per-step state of Q-Tuning training (see the module docstring)."""
 
-    def __init__(self, max_points: int = MAX_POINTS):
+    def __init__(self, max_points: int = MAX_POINTS, window: Optional[TriageWindow] = None):
         self.max_points = max_points
+        self.window = window if window is not None else TriageWindow(1)
         self.reset()
 
     def reset(self) -> None:
@@ -158,6 +166,7 @@ class QTuningHistory:
         self.tokens = {"trainable": 0.0, "kept": 0.0}
         self.points: deque[EUPoint] = deque(maxlen=self.max_points)
         self.thresholds: Optional[dict[str, float]] = None
+        self.window.clear()
 
     # ---------------------------------------------------------------- record
     def record(self, stats: dict[str, float], trainable_tokens: float, kept_tokens: float) -> None:
@@ -200,6 +209,7 @@ class QTuningHistory:
             "tokens": dict(self.tokens),
             "points": [list(point) for point in self.points],
             "thresholds": self.thresholds,
+            "window": self.window.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -209,6 +219,7 @@ class QTuningHistory:
         self.tokens.update(state["tokens"])
         self.points.extend(EUPoint(*point) for point in state["points"])
         self.thresholds = state["thresholds"]
+        self.window.load_state_dict(state.get("window", []))
 
     def save(self, directory: str) -> str:
         """Write ``directory/qtuning_state.json``; returns its path."""
@@ -233,5 +244,11 @@ class QTuningHistory:
         problem = _state_problem(text)
         if problem is not None:
             raise QTuningStateError(path, problem)
-        self.load_state_dict(json.loads(text))
+        state = json.loads(text)
+        self.load_state_dict(state)
+        if "window" not in state and self.window.steps > 1:
+            LOG.warning(
+                "qtuning: %s was written by a qtuning-plugin without triage windows; the window of "
+                "triage_window=%d starts empty", path, self.window.steps,
+            )
         return True

@@ -22,10 +22,12 @@ from conftest import Rows, random_batch, tiny_llama  # noqa: E402
 MICRO_BATCH, ACCUMULATION, WORLD, STEPS = 2, 2, 2, 2
 ROWS = MICRO_BATCH * ACCUMULATION * WORLD * STEPS
 CASES = {
-    # name: (seed of the rows, sample_keep_ratio, the first step has no trainable token)
-    "quarter": (42, 0.25, False),
-    "three_quarters": (42, 0.75, False),
-    "first_step_untrainable": (43, 0.5, True),
+    # name: (seed of the rows, sample_keep_ratio, the first step has no trainable token, other qtuning settings)
+    "quarter": (42, 0.25, False, {}),
+    "three_quarters": (42, 0.75, False, {}),
+    "first_step_untrainable": (43, 0.5, True, {}),
+    # the second step's thresholds pool the first step's global mini-batch
+    "window": (42, 0.25, False, {"triage_window": 2}),
 }
 
 
@@ -65,7 +67,7 @@ def train(case: str, out_dir: str, micro_batch: int, accumulation: int, order=No
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
 
-    seed, ratio, untrainable = CASES[case]
+    seed, ratio, untrainable, settings = CASES[case]
     data = rows(seed, untrainable)
     if order is not None:
         data = {key: value[order] for key, value in data.items()}
@@ -88,7 +90,7 @@ def train(case: str, out_dir: str, micro_batch: int, accumulation: int, order=No
     events = []
     trainer = InOrderTrainer(
         model=model, args=args, train_dataset=Rows(data), callbacks=[Record()],
-        qtuning_config=QTuningConfig(triage_scope="step", sample_keep_ratio=ratio, token_keep_ratio=0.5),
+        qtuning_config=QTuningConfig(triage_scope="step", sample_keep_ratio=ratio, token_keep_ratio=0.5, **settings),
         qtuning_on_selection=events.append,
     )
     trainer.train()

@@ -14,7 +14,7 @@ likewise.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -34,6 +34,8 @@ class ReferenceTriage:
     alpha: float
     iterations: int
     target: int
+    # docs/algorithm.md section 4a: qualified by the thresholds, dropped to hold the budget.
+    trimmed: list[bool] = field(default_factory=list)
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -93,6 +95,64 @@ def reference_triage(
         else:
             quadrant.append("middle")
     return ReferenceTriage(q2, q4, keep, filled, quadrant, a, iteration, target)
+
+
+def reference_pooled_triage(
+    ppl: Sequence[float],
+    ent: Sequence[float],
+    earlier_ppl: Sequence[float],
+    earlier_ent: Sequence[float],
+    r_sample: float,
+    *,
+    hold: bool,
+    max_iters: int = 10,
+    tol: float = 0.01,
+) -> ReferenceTriage:
+    """docs/algorithm.md section 4a, for one step's samples (all with trainable tokens): the quantiles,
+    the bisection's kept fraction and the fill-up's min-max normalisation over the pool (the step's
+    samples and the ``earlier`` ones of the window), the step keeping its own K; with ``hold``, of
+    more than K qualifying samples the K of highest support stay (ties: the lower index)."""
+    step = [(float(p), float(e)) for p, e in zip(ppl, ent)]
+    pool = step + [(float(p), float(e)) for p, e in zip(earlier_ppl, earlier_ent)]
+    pool_ppl, pool_ent = [p for p, _ in pool], [e for _, e in pool]
+    n = len(step)
+    target = max(1, round(r_sample * n))
+    # Section 4 step 2 on the pool: SPEC's bisection (its fill-up does not move the last iterate).
+    on_pool = reference_triage(pool_ppl, pool_ent, r_sample, max_iters=max_iters, tol=tol)
+    a, iteration = on_pool.alpha, on_pool.iterations
+    ppl_hi, ppl_lo = quantile(pool_ppl, 1 - a), quantile(pool_ppl, a)
+    ent_lo, ent_hi = quantile(pool_ent, a), quantile(pool_ent, 1 - a)
+
+    def normalised(value: float, values: list[float]) -> float:
+        low, high = min(values), max(values)
+        return 0.0 if high - low < 1e-12 else (value - low) / (high - low)
+
+    q2 = [p > ppl_hi and e <= ent_lo for p, e in step]
+    q4 = [p <= ppl_lo and e > ent_hi for p, e in step]
+    side = [normalised(p, pool_ppl) - normalised(e, pool_ent) for p, e in step]  # p - e
+    support = [max(d, -d) for d in side]
+    filled, trimmed = [False] * n, [False] * n
+    kept = [i for i in range(n) if q2[i] or q4[i]]
+    if len(kept) < target:
+        others = sorted((i for i in range(n) if i not in kept), key=lambda i: (-support[i], i))
+        for i in others[: target - len(kept)]:
+            filled[i] = True
+            q2[i], q4[i] = side[i] >= -side[i], side[i] < -side[i]
+    elif hold and len(kept) > target:
+        for i in sorted(kept, key=lambda i: (-support[i], i))[target:]:
+            trimmed[i], q2[i], q4[i] = True, False, False
+    quadrant = []
+    for i, (p, e) in enumerate(step):
+        if q2[i] or q4[i]:
+            quadrant.append("Q2" if q2[i] else "Q4")
+        elif p > ppl_hi and e > ent_hi:
+            quadrant.append("Q1")
+        elif p <= ppl_lo and e <= ent_lo:
+            quadrant.append("Q3")
+        else:
+            quadrant.append("middle")
+    keep = [a or b for a, b in zip(q2, q4)]
+    return ReferenceTriage(q2, q4, keep, filled, quadrant, a, iteration, target, trimmed)
 
 
 def reference_kept_tokens(

@@ -13,6 +13,7 @@ def test_paper_defaults():
     assert (config.max_bisect_iters, config.bisect_tolerance) == (10, 0.01)
     assert (config.scoring, config.backend, config.warmup_steps) == ("auto", "auto", 0)
     assert not config.log_decisions
+    assert (config.triage_window, config.hold_budget, config.holds_budget) == (1, None, False)
 
 
 @pytest.mark.parametrize(
@@ -28,6 +29,9 @@ def test_paper_defaults():
         ("bisect_tolerance", 0.0),
         ("warmup_steps", -1),
         ("chunk_size", 0),
+        ("triage_window", 0),
+        ("triage_window", -3),
+        ("hold_budget", "sometimes"),
         ("scoring", "three_pass"),
         ("backend", "cuda"),
         ("sample_keep_ratio", "a quarter"),
@@ -64,8 +68,8 @@ def test_triage_batch_size(scope, expected):
 # Every key of the `qtuning:` section, in the order of the schema, written out here.
 KEYS = (
     "enabled, sample_keep_ratio, token_keep_ratio, context_weight, prune_highest_scores, max_bisect_iters, "
-    "bisect_tolerance, triage_scope, scoring, warmup_steps, backend, chunk_size, scoring_batch_tokens, plot_every_n_steps, "
-    "log_decisions"
+    "bisect_tolerance, triage_window, hold_budget, triage_scope, scoring, warmup_steps, backend, chunk_size, scoring_batch_tokens, "
+    "plot_every_n_steps, log_decisions"
 )
 
 
@@ -83,3 +87,37 @@ def test_a_section_is_validated_with_one_line_per_problem_naming_the_key():
     ]
     with pytest.raises(QTuningSettingsError, match=r"^qtuning: expected a mapping of settings \(key: value\), got 0\.5$"):
         validate_section(0.5)
+
+
+def test_a_window_below_one_step_is_refused_naming_the_key_and_its_range():
+    from qtuning_plugin.config import validate_section
+    from qtuning_plugin.rules import QTuningSettingsError
+
+    with pytest.raises(QTuningSettingsError) as info:
+        validate_section({"triage_window": 0})
+    assert str(info.value) == "qtuning.triage_window: Input should be greater than or equal to 1"
+
+
+@pytest.mark.parametrize(
+    "section, holds", [({}, False), ({"triage_window": 4}, True), ({"hold_budget": True}, True),
+                       ({"triage_window": 2, "hold_budget": True}, True), ({"hold_budget": False}, False)],
+)
+def test_a_window_holds_the_budget_and_one_step_follows_hold_budget(section, holds):
+    config = QTuningConfig(**section)
+    assert config.holds_budget is holds
+    assert QTuningConfig.model_validate(config.model_dump()) == config  # how the trainer mixin takes it
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"triage_window": 4, "triage_scope": "micro_batch"}, "qtuning.triage_window: 4 pools the samples of whole"),
+        ({"triage_window": 2, "hold_budget": False}, "qtuning.hold_budget: false keeps every sample"),
+    ],
+)
+def test_a_window_refuses_micro_batch_scope_and_an_unheld_budget(section, message):
+    from qtuning_plugin.config import validate_section
+    from qtuning_plugin.rules import QTuningSettingsError
+
+    with pytest.raises(QTuningSettingsError, match=message):
+        validate_section(section)

@@ -70,3 +70,14 @@ def test_a_step_without_trainable_tokens_runs_one_empty_pass_per_rank(ranks):
     first_step = ranks[0]["first_step_untrainable"]["log"][0]
     assert first_step["loss"] == 0.0
     assert first_step["qtuning/training_passes"] == 1.0
+
+
+def test_a_window_pools_the_global_mini_batches_of_earlier_steps(ranks, single):
+    """``triage_window: 2``: the second step's thresholds rest on both steps' 16 global samples on
+    every rank (checked against one process above), and it keeps another pair than without a window."""
+    for rank in range(worker.WORLD):
+        logged = ranks[rank]["window"]["log"]
+        assert [entry["qtuning/window_samples"] for entry in logged] == [8.0, 16.0]
+    first, second = single["window"]["keep"]
+    assert torch.equal(first, single["quarter"]["keep"][0])
+    assert int(second.sum()) == 2 and not torch.equal(second, single["quarter"]["keep"][1])

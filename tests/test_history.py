@@ -155,9 +155,11 @@ def test_the_error_names_the_file_what_is_wrong_and_the_ways_out(tmp_path):
         (b'{"version": 2} trailing', "is not JSON (Extra data"),
         (b"\xff\xfe{}", "is not JSON (not UTF-8 text"),
         (b"[1, 2]", "is not a Q-Tuning state (a JSON list, not an object)"),
-        (b'{"version": 99, "pending": {}}', "has format version 99, which this release cannot read (it reads versions 1, 2;"),
+        (b'{"version": 99, "pending": {}}', "has format version 99, which this release cannot read (it reads versions 1, 2, 3;"),
         (b'{"pending": {}, "tokens": {}}', "has no format version, which this release cannot read"),
         (b'{"version": 2, "pending": {}}', "is not a Q-Tuning state (version 2 without tokens, points, thresholds)"),
+        (b'{"version": 3, "pending": {}, "tokens": {}, "points": [], "thresholds": null}',
+         "is not a Q-Tuning state (version 3 without window)"),
     ],
 )
 def test_each_unreadable_state_is_named(tmp_path, content, problem):

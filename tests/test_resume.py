@@ -58,7 +58,7 @@ class StopAt(TrainerCallback):
 SHAPES = {"micro_batch": (8, 1), "step": (4, 2)}
 
 
-def make_trainer(output_dir, scope, stop_at=None):
+def make_trainer(output_dir, scope, stop_at=None, config=CONFIG):
     micro_batch_size, accumulation = SHAPES[scope]
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -80,7 +80,7 @@ def make_trainer(output_dir, scope, stop_at=None):
         model=tiny_llama(seed=0),
         args=args,
         train_dataset=Rows(random_batch(batch=64, length=16, seed=11)),
-        qtuning_config=QTuningConfig(triage_scope=scope, **CONFIG),
+        qtuning_config=QTuningConfig(triage_scope=scope, **config),
     )
     if stop_at is not None:
         trainer.add_callback(StopAt(stop_at))
@@ -208,3 +208,52 @@ def test_an_unreadable_state_stops_the_resume_with_the_loader_error(tmp_path):
     with pytest.raises(QTuningStateError, match="cut short after 38 bytes"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.state.global_step == 0
+
+
+# Steps 2 and 3 fill the window of 3 steps before the checkpoint; steps 4-6 pool it.
+WINDOW_CONFIG = {**CONFIG, "warmup_steps": 1, "triage_window": 3}
+
+
+@pytest.fixture(scope="module")
+def window_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume_window")
+    full = make_trainer(root / "full", "step", config=WINDOW_CONFIG)
+    full.train()
+    make_trainer(root / "split", "step", stop_at=SAVE_AT, config=WINDOW_CONFIG).train()
+    checkpoint = root / "split" / f"checkpoint-{SAVE_AT}"
+    resumed = make_trainer(root / "split", "step", config=WINDOW_CONFIG)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    # The same checkpoint, its state file as a release without windows wrote it (version 2).
+    state = json.loads((checkpoint / STATE_NAME).read_text())
+    old = root / "old" / checkpoint.name
+    old.parent.mkdir()
+    import shutil
+
+    shutil.copytree(checkpoint, old)
+    (old / STATE_NAME).write_text(json.dumps({**{k: v for k, v in state.items() if k != "window"}, "version": 2}))
+    without = make_trainer(root / "old", "step", config=WINDOW_CONFIG)
+    without.train(resume_from_checkpoint=str(old))
+    return full, resumed, without, state
+
+
+def test_the_checkpoint_holds_the_triage_window_and_the_resumed_run_selects_as_the_uninterrupted(window_runs):
+    full, resumed, _, state = window_runs
+    assert state["version"] == 3 and len(state["window"]) == 2  # steps 2 and 3
+    assert [len(step) for step in state["window"]] == [8, 8]
+    assert sorted(resumed.masks) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert torch.equal(resumed.masks[step][0], full.masks[step][0]), step
+        assert torch.equal(resumed.masks[step][1], full.masks[step][1]), step
+    expected, got = _logged(full), _logged(resumed)
+    for step in (4, 5, 6):
+        assert got[step]["qtuning/window_samples"] == expected[step]["qtuning/window_samples"] == 24
+        assert got[step]["qtuning/ppl_hi"] == pytest.approx(expected[step]["qtuning/ppl_hi"], rel=1e-6)
+
+
+def test_an_older_state_without_a_window_resumes_with_an_empty_window(window_runs):
+    """The run resumes (no error); step 4 pools no earlier step, so its thresholds are its own."""
+    full, _, without, _ = window_runs
+    assert sorted(without.masks) == [4, 5, 6]
+    logged = _logged(without)
+    assert [logged[step]["qtuning/window_samples"] for step in (4, 5, 6)] == [8, 16, 24]
+    assert any(not torch.equal(without.masks[step][0], full.masks[step][0]) for step in (4, 5))

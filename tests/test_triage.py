@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from qtuning_plugin.core import triage_samples
 from qtuning_plugin.core.triage import NO_TARGET, QUADRANTS
 
-from reference import reference_triage
+from reference import reference_pooled_triage, reference_triage
 
 
 def t(values):
@@ -104,7 +104,8 @@ def test_no_valid_sample_keeps_nothing():
 @pytest.mark.parametrize(
     "kwargs, name",
     [({"sample_keep_ratio": 0.0}, "sample_keep_ratio"), ({"sample_keep_ratio": 1.5}, "sample_keep_ratio"),
-     ({"max_iters": 0}, "max_bisect_iters"), ({"tol": 0.0}, "bisect_tolerance")],
+     ({"max_iters": 0}, "max_bisect_iters"), ({"tol": 0.0}, "bisect_tolerance"),
+     ({"earlier": t([1, 2])}, r"earlier must be \[M, 2\]")],
 )
 def test_bad_arguments_name_the_setting(kwargs, name):
     args = {"sample_keep_ratio": 0.5, **kwargs}
@@ -116,6 +117,8 @@ def test_bad_arguments_name_the_setting(kwargs, name):
 def test_non_finite_statistics_of_a_valid_sample_raise():
     with pytest.raises(ValueError, match="non-finite"):
         triage_samples(t([1, math.inf]), t([1, 2]), 0.5)
+    with pytest.raises(ValueError, match="an earlier sample has a non-finite"):
+        triage_samples(t([1, 2]), t([1, 2]), 0.5, earlier=t([[1.0, math.nan]]))
 
 
 # Few distinct values make ties and repeats common.
@@ -180,3 +183,74 @@ def test_triage_is_the_spec_reference(batch, ratio, data):
     assert (result.alpha, result.iterations, result.target) == (
         reference.alpha, reference.iterations, reference.target
     )
+
+
+_earlier = st.integers(min_value=0, max_value=64).flatmap(
+    lambda m: st.tuples(st.lists(_values, min_size=m, max_size=m), st.lists(_values, min_size=m, max_size=m))
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(batch=_batches, earlier=_earlier, ratio=_ratios, hold=st.booleans(), data=st.data())
+def test_pooled_triage_is_the_transcription(batch, earlier, ratio, hold, data):
+    """`triage_samples` with a window's earlier samples and a held budget against
+    `reference_pooled_triage` (docs/algorithm.md section 4a transcribed), exactly."""
+    n = len(batch[0])
+    valid = data.draw(st.lists(st.booleans(), min_size=n, max_size=n).filter(any))
+    ppl = [p if v else math.nan for p, v in zip(batch[0], valid)]
+    ent = [e if v else math.nan for e, v in zip(batch[1], valid)]
+    result = triage_samples(t(ppl), t(ent), ratio, valid=torch.tensor(valid),
+                            earlier=t(list(zip(*earlier))).reshape(-1, 2), hold_budget=hold)
+    index = [i for i in range(n) if valid[i]]
+    reference = reference_pooled_triage([ppl[i] for i in index], [ent[i] for i in index], *earlier, ratio, hold=hold)
+    for name in ("q2", "q4", "keep", "filled", "trimmed"):
+        got = getattr(result, name)
+        assert got[index].tolist() == getattr(reference, name), name
+        assert not got[[i for i in range(n) if not valid[i]]].any(), name
+    quadrant = result.quadrant.tolist()
+    assert [QUADRANTS[quadrant[i]] for i in index] == reference.quadrant
+    assert (result.alpha, result.iterations, result.target, result.pooled) == (
+        reference.alpha, reference.iterations, reference.target, len(index) + len(earlier[0])
+    )
+    if hold:
+        assert int(result.keep.sum()) == result.target
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch=_batches, ratio=_ratios)
+def test_without_earlier_samples_or_a_held_budget_the_triage_is_the_papers(batch, ratio):
+    """An empty window and ``hold_budget=False`` change nothing: the paper's rule, bit for bit."""
+    ppl, ent = t(batch[0]), t(batch[1])
+    plain = triage_samples(ppl, ent, ratio)
+    empty = triage_samples(ppl, ent, ratio, earlier=torch.zeros((0, 2), dtype=torch.float64), hold_budget=False)
+    for name in ("q2", "q4", "keep", "filled", "trimmed", "quadrant"):
+        assert torch.equal(getattr(plain, name), getattr(empty, name)), name
+    assert not plain.trimmed.any()
+    assert (plain.alpha, plain.ppl_hi, plain.ppl_lo, plain.ent_lo, plain.ent_hi, plain.iterations) == (
+        empty.alpha, empty.ppl_hi, empty.ppl_lo, empty.ent_lo, empty.ent_hi, empty.iterations
+    )
+
+
+def test_a_held_budget_trims_the_lowest_support_and_files_it_in_the_middle_band():
+    """Of 8 samples at 25% (K = 2) the thresholds qualify 0 (Q2) and 7 (Q4), and 1 and 6 less far out;
+    holding the budget keeps the two of highest support (0 and 7)."""
+    ppl = t([10, 9, 5, 5, 5, 5, 1.5, 1])
+    ent = t([0.1, 0.5, 1.5, 1.5, 1.5, 1.5, 2.5, 3])
+    paper = triage_samples(ppl, ent, 0.25, max_iters=1)
+    assert indices(paper.keep) == [0, 1, 6, 7]
+    held = triage_samples(ppl, ent, 0.25, max_iters=1, hold_budget=True)
+    assert indices(held.keep) == [0, 7] and indices(held.trimmed) == [1, 6]
+    assert [QUADRANTS[q] for q in held.quadrant.tolist()] == ["Q2", "middle", *["middle"] * 4, "middle", "Q4"]
+
+
+def test_earlier_samples_move_the_thresholds_but_are_never_kept():
+    """A step of 4 samples alone keeps its Q2 sample; pooled with 12 earlier samples of far higher
+    perplexity and lower entropy, its own samples no longer qualify and the fill-up keeps K = 1."""
+    ppl, ent = t([8, 2, 2, 1]), t([0.2, 1, 1, 3])
+    alone = triage_samples(ppl, ent, 0.25, hold_budget=True)
+    earlier = t([[50.0, 0.01]] * 6 + [[0.5, 5.0]] * 6)
+    pooled = triage_samples(ppl, ent, 0.25, earlier=earlier, hold_budget=True)
+    assert alone.pooled == 4 and pooled.pooled == 16
+    assert pooled.ppl_hi != alone.ppl_hi
+    assert int(pooled.keep.sum()) == pooled.target == 1 and pooled.keep.shape == (4,)
+    assert bool(pooled.filled.any())

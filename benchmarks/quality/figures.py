@@ -187,14 +187,18 @@ def plot_real(summary: dict, arms: list[str], base_acc: float, plane, title: str
     plt.close(fig)
 
 
-def plot_selection(cells: dict, sizes, base_rate: float, n_items: int, path) -> None:
-    """`selection.py`'s kept-noise share against group size: one line per sample budget and scoring
-    checkpoint with its bootstrap 95% band, the whole set triaged at once as a point at ``n_items``,
-    and the base rate. ``cells[checkpoint]["30%"][budget][size]["kept_corrupted_share"]`` holds
-    ``value`` and ``ci`` (shares in [0, 1]). 25% x 50% and 25% x 70% keep the same samples: one line."""
+def plot_selection(cells: dict, sizes, base_rate: float, n_items: int, path, windows: dict) -> None:
+    """`selection.py`'s kept-noise share against group size, in two panels.
+
+    Left: one line per sample budget and scoring checkpoint with its bootstrap 95% band, the whole
+    set triaged at once as a point at ``n_items``, and the base rate;
+    ``cells[checkpoint]["30%"][budget][size]["kept_corrupted_share"]`` holds ``value`` and ``ci``
+    (shares in [0, 1]). 25% x 50% and 25% x 70% keep the same samples: one line.
+    Right: at 25%, one line per triage window arm and checkpoint against the step's samples,
+    ``windows[checkpoint]["25x50"][size][arm]["kept_corrupted_share"]``, and the whole set at once."""
     colours = {"25x50": "#08306b", "12.5x50": "#2ca02c"}
     styles = {"base": ("-", "o"), "sft": ("--", "s")}
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(14, 7))
     for ckpt, by_level in cells.items():
         for budget, colour in colours.items():
             rows = [by_level["30%"][budget][str(g)]["kept_corrupted_share"] for g in sizes]
@@ -205,14 +209,33 @@ def plot_selection(cells: dict, sizes, base_rate: float, n_items: int, path) -> 
             ax.fill_between(sizes, [100 * r["ci"][0] for r in rows], [100 * r["ci"][1] for r in rows], color=colour, alpha=0.15)
             whole = by_level["30%"][budget]["all"]["kept_corrupted_share"]["value"]
             ax.plot([n_items], [100 * whole], marker=marker, color=colour, fillstyle="none", linestyle="none")
-    ax.axhline(100 * base_rate, color="#d62728", linestyle=":", label=f"base rate ({100 * base_rate:.1f}%)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([*sizes, n_items], [*map(str, sizes), f"all {n_items}"])
     ax.set_xlabel("samples triaged together (group size)")
-    ax.set_ylabel("corrupted share of kept samples (%)")
-    ax.set_title("Q-Tuning's triage replayed on SmolLM2-135M-Instruct's scores, 30% corrupted data")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    ax.set_title("Each group triaged on its own")
+    arm_colours = {"1": "#08306b", "1 held": "#6baed6", "4": "#ff7f0e", "16": "#d62728"}
+    arm_names = {"1": "W = 1 (the paper's rule)", "1 held": "W = 1, budget held", "4": "W = 4", "16": "W = 16"}
+    steps = sorted(int(g) for g in next(iter(windows.values()))["25x50"])
+    for ckpt, by_budget in windows.items():
+        line, marker = styles.get(ckpt, ("-.", "^"))
+        for arm, colour in arm_colours.items():
+            rows = [by_budget["25x50"][str(g)][arm]["kept_corrupted_share"] for g in steps]
+            label = f"{arm_names[arm]}, scored by {ckpt}"
+            right.plot(steps, [100 * r["value"] for r in rows], line, marker=marker, color=colour, label=label)
+            right.fill_between(steps, [100 * r["ci"][0] for r in rows], [100 * r["ci"][1] for r in rows],
+                               color=colour, alpha=0.15)
+        whole = cells[ckpt]["30%"]["25x50"]["all"]["kept_corrupted_share"]["value"]
+        right.axhline(100 * whole, color="#555555", linestyle=line, linewidth=1,
+                      label=f"whole set at once ({n_items}), scored by {ckpt}")
+    right.set_xlabel("samples of one step")
+    right.set_title("25%: thresholds from a window of W steps")
+    for axis, ticks, names in ((ax, [*sizes, n_items], [*map(str, sizes), f"all {n_items}"]),
+                               (right, steps, list(map(str, steps)))):
+        axis.axhline(100 * base_rate, color="#d62728", linestyle=":", label=f"base rate ({100 * base_rate:.1f}%)")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(ticks, names)
+        axis.set_ylabel("corrupted share of kept samples (%)")
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+        axis.grid(alpha=0.3)
+    fig.suptitle("Q-Tuning's triage replayed on SmolLM2-135M-Instruct's scores, 30% corrupted data")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -18,9 +18,20 @@ from the scored samples, at each budget of `BUDGETS`; the token pruning of the k
 (`prune_tokens`, row by row as in training) with the paper's score, the reversed score and
 random tokens. Per group size, budget and checkpoint: the corrupted share of the kept samples
 (overall and per kind) against the base rate, the share of kept samples the fill-up added, the
-share of bisection runs that ended at the iteration cap with the tolerance unmet, and the share
-of the corrupted answer tokens of kept Q2 samples that survive token pruning; bootstrap 95% CIs
-over groups. The whole set triaged as one batch is a reference row.
+share of bisection runs that ended at the iteration cap with the tolerance unmet, how often and by
+how much a group keeps more than its budget ``round(sample_keep_ratio x group)``, and the share of
+the corrupted answer tokens of kept Q2 samples that survive token pruning; bootstrap 95% CIs over
+groups. The whole set triaged as one batch is a reference row.
+
+Triage windows (``triage_window``, docs/algorithm.md section 4a): on ``CHAINS`` seeded runs of
+steps, each step a group of `WINDOW_SIZES` samples read in epoch order (seeded permutations of the
+scored items, one after the other), the trainer's windowed triage (`TriageWindow`, then
+`triage_with_config`) at each arm of `WINDOW_ARMS`; the same steps for every arm, the first
+``max window - 1`` of each run not counted (they fill the window). Bootstrap CIs over runs.
+
+The scores (both checkpoints, and the SFT checkpoint's grade) are cached in ``--cache-dir``,
+keyed by the model's checksum, the versions, the settings and the source of the scoring code:
+a second run only replays.
 
 The problems are fresh: none is a problem of the real-model track (`real.splits` at its settings:
 test, validation and training problems of every seed), and the scored and SFT problems share none.
@@ -32,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -58,7 +70,12 @@ BUDGETS = {"25x50": (0.25, 0.5), "12.5x50": (0.125, 0.5), "25x70": (0.25, 0.7)}
 BOOTSTRAP = 1000
 SFT_STEPS = 24  # one epoch of 192 problems at the real track's step shape (8 samples) and learning rate
 SEEDS = {"items": 29_000, "corruption": 29_001, "sft_items": 29_002, "sft_corruption": 29_003,
-         "sft_order": 29_004, "groups": 29_005, "random_tokens": 29_006, "bootstrap": 29_007}
+         "sft_order": 29_004, "groups": 29_005, "random_tokens": 29_006, "bootstrap": 29_007,
+         "window_steps": 29_008, "window_bootstrap": 29_009}
+WINDOW_SIZES = (8, 16, 32)
+# arm: (triage_window, hold_budget), as the trainer takes them; "1" is the paper's rule.
+WINDOW_ARMS = {"1": (1, None), "1 held": (1, True), "4": (4, None), "16": (16, None)}
+CHAINS, CHAIN_STEPS = 100, 100  # runs of steps, and the steps of each counted
 SCORE_BATCH = 16
 KINDS = mathdata.CORRUPTIONS
 TOKEN_RULES = ("paper", "reversed", "random")
@@ -171,7 +188,7 @@ def token_tables(scores: dict, token_ratios: set[float]) -> dict:
 # ----------------------------------------------------------------------------- replay
 # Per-group counts. Token counts: over kept Q2 samples (``q2_``), and over the wrong_number ones among
 # them (``wn_``), the one kind whose corrupted tokens are part of the response, not all of it.
-COLUMNS = ("groups", "kept", "kept_at_target", "filled", "cap", "at_max_iters", "corrupted",
+COLUMNS = ("groups", "kept", "target", "kept_at_target", "over_target", "filled", "cap", "at_max_iters", "corrupted",
            *(f"kind_{k}" for k in KINDS), "q2", "q2_bad_tokens", *(f"q2_bad_left_{t}" for t in TOKEN_RULES),
            "wn_bad_tokens", *(f"wn_bad_left_{t}" for t in TOKEN_RULES))
 
@@ -198,7 +215,8 @@ def replay_groups(ppl: torch.Tensor, ent: torch.Tensor, kinds: np.ndarray, token
         at_cap = triage.iterations == config.max_bisect_iters
         k_items, q2_items = members[keep], members[q2]
         wn = kinds[q2_items] == "wrong_number"
-        counts = [1, kept, kept == triage.target, n_filled, at_cap and not reached, at_cap, corrupted[k_items].sum(),
+        counts = [1, kept, triage.target, kept == triage.target, kept > triage.target, n_filled, at_cap and not reached,
+                  at_cap, corrupted[k_items].sum(),
                   *((kinds[k_items] == k).sum() for k in KINDS), len(q2_items)]
         bad, length = tokens["bad"][q2_items], tokens["length"][q2_items]
         for r in token_ratios:
@@ -219,6 +237,8 @@ def ratios(sums: np.ndarray) -> dict[str, np.ndarray]:
                "cap_share": c["cap"] / c["groups"],
                "at_max_iters_share": c["at_max_iters"] / c["groups"],
                "kept_at_target_share": c["kept_at_target"] / c["groups"],
+               "over_target_share": c["over_target"] / c["groups"],
+               "kept_over_target": c["kept"] / c["target"],
                "kept_per_group": c["kept"] / c["groups"],
                **{f"bad_tokens_left_{t}": c[f"q2_bad_left_{t}"] / c["q2_bad_tokens"] for t in TOKEN_RULES},
                **{f"wrong_number_tokens_left_{t}": c[f"wn_bad_left_{t}"] / c["wn_bad_tokens"] for t in TOKEN_RULES}}
@@ -237,6 +257,73 @@ def whole_set(ppl, ent, kinds, tokens, sample_ratio, token_ratios, rng) -> dict[
     per = replay_groups(ppl, ent, kinds, tokens, np.arange(len(kinds))[None, :], sample_ratio, token_ratios, rng)
     return {r: {k: (float(v) if np.isfinite(v) else None) for k, v in ratios(rows.sum(0)).items()}
             for r, rows in per.items()}
+
+
+# ----------------------------------------------------------------------------- triage windows
+WINDOW_COLUMNS = ("steps", "kept", "target", "corrupted", "filled", "trimmed")
+
+
+def window_chains(n_items: int, size: int, n_chains: int, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """``[n_chains, steps, size]`` item indices: each run reads seeded permutations of the items one
+    after the other (epochs), ``size`` samples a step."""
+    need = steps * size
+    epochs = -(-need // n_items)
+    return np.stack([np.concatenate([rng.permutation(n_items) for _ in range(epochs)])[:need].reshape(steps, size)
+                     for _ in range(n_chains)])
+
+
+def replay_window(ppl: torch.Tensor, ent: torch.Tensor, kinds: np.ndarray, chains: np.ndarray, sample_ratio: float,
+                  window: int, hold_budget, warm: int) -> np.ndarray:
+    """The trainer's windowed triage (`TriageWindow` pooled into `triage_with_config`, then the step
+    pushed) along each run of ``chains``; per run a ``[len(WINDOW_COLUMNS)]`` row of counts summed over
+    its steps after the first ``warm``."""
+    from qtuning_plugin import QTuningConfig
+    from qtuning_plugin.core.select import triage_with_config
+    from qtuning_plugin.core.window import TriageWindow
+
+    config = QTuningConfig(sample_keep_ratio=sample_ratio, triage_window=window, hold_budget=hold_budget)
+    valid = torch.ones(chains.shape[2], dtype=torch.bool)
+    corrupted = kinds != "clean"
+    out = np.zeros((len(chains), len(WINDOW_COLUMNS)))
+    for run, steps in enumerate(chains):
+        memory = TriageWindow(window)
+        for index, members in enumerate(steps):
+            step_ppl, step_ent = ppl[members], ent[members]
+            triage = triage_with_config(step_ppl, step_ent, valid, config, memory.earlier())
+            memory.push(torch.stack([step_ppl, step_ent, valid.to(torch.float64)], dim=1))
+            if index < warm:
+                continue
+            keep = triage.keep.numpy()
+            out[run] += [1, keep.sum(), triage.target, corrupted[members[keep]].sum(), triage.filled.sum().item(),
+                         triage.trimmed.sum().item()]
+    return out
+
+
+def window_ratios(sums: np.ndarray) -> dict[str, np.ndarray]:
+    c = {name: sums[..., i] for i, name in enumerate(WINDOW_COLUMNS)}
+    return {"kept_corrupted_share": c["corrupted"] / c["kept"], "fill_up_share": c["filled"] / c["kept"],
+            "kept_over_target": c["kept"] / c["target"], "trimmed_per_step": c["trimmed"] / c["steps"]}
+
+
+def summarise_window(per_run: np.ndarray, weights: np.ndarray) -> dict:
+    """Each window share over all runs with its bootstrap 95% CI (``weights``: ``[B, runs]``)."""
+    point, boot = window_ratios(per_run.sum(0)), window_ratios(weights @ per_run)
+    return {name: {"value": float(value), "ci": [float(x) for x in np.percentile(boot[name], [2.5, 97.5])]}
+            for name, value in point.items()}
+
+
+# ----------------------------------------------------------------------------- score cache
+def cache_key(weights_sha: str, n_items: int, sft_steps: int, n_test: int) -> str:
+    """What the scores depend on: the model, the versions, the settings and the data and scoring code."""
+    code = "".join(inspect.getsource(f) for f in (fresh_problems, scored_examples, score, sft_checkpoint, pad))
+    plugin = pathlib.Path(__file__).resolve().parents[2] / "qtuning_plugin"
+    sources = [(HERE / name).read_bytes() for name in ("mathdata.py", "real.py")] + [
+        (plugin / name).read_bytes() for name in ("ops/torch_chunked.py", "modeling.py", "core/eu_plane.py")]
+    blob = json.dumps([weights_sha, real.versions(), n_items, sft_steps, n_test, NOISE, SEEDS, SCORE_BATCH, code])
+    digest = hashlib.sha256(blob.encode())
+    for source in sources:
+        digest.update(source)
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- report
@@ -272,6 +359,35 @@ def kind_table(cells: dict, budget: str, sizes, checkpoints, base_rates: dict) -
     return "\n".join(lines)
 
 
+def budget_table(cells: dict, sizes, checkpoints) -> str:
+    """How often and by how much the paper's rule keeps more than K = round(r x group), and what that
+    costs by the step-cost model of docs/algorithm.md section 7, (1 + 3 r') / (1 + 3 r)."""
+    lines = ["| checkpoint | budget | group | groups keeping more than K % [95% CI] | kept / K [95% CI] | "
+             "step cost over K's |", "|" + "---|" * 6]
+    for ckpt in checkpoints:
+        for budget in ("25x50", "12.5x50"):
+            r = BUDGETS[budget][0]
+            for g in sizes:
+                c = cells[ckpt]["30%"][budget][str(g)]
+                over, ratio = c["over_target_share"], c["kept_over_target"]
+                cost = (1 + 3 * r * ratio["value"]) / (1 + 3 * r)
+                lines.append(f"| {ckpt} | {budget} | {g} | {share(over)} | {ratio['value']:.4f} "
+                             f"[{ratio['ci'][0]:.4f}, {ratio['ci'][1]:.4f}] | {cost:.4f} |")
+    return "\n".join(lines)
+
+
+def window_table(windows: dict, cells: dict, budget: str, checkpoints, metric: str) -> str:
+    """Per checkpoint and step size, ``metric`` of each `WINDOW_ARMS` arm, and the whole set at once."""
+    lines = ["| checkpoint | step samples | " + " | ".join(f"window {arm}" for arm in WINDOW_ARMS)
+             + " | whole set at once |", "|" + "---|" * (3 + len(WINDOW_ARMS))]
+    for ckpt in checkpoints:
+        for g, arms in windows[ckpt][budget].items():
+            whole = cells[ckpt]["30%"][budget]["all"].get(metric, {"value": None, "ci": None})
+            lines.append(f"| {ckpt} | {g} | " + " | ".join(share(arms[arm][metric]) for arm in WINDOW_ARMS)
+                         + f" | {share(whole)} |")
+    return "\n".join(lines)
+
+
 def sha256(path: pathlib.Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -288,6 +404,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--dump-groups", type=int, default=0,
                         help="write the first N groups of each size (items, kept, filled) with the scores, for checking")
+    parser.add_argument("--cache-dir", default=os.environ.get("QTUNING_QUALITY_CACHE", str(pathlib.Path.home() / ".cache/qtuning/quality")),
+                        help="where the scores are cached (default: $QTUNING_QUALITY_CACHE, else ~/.cache/qtuning/quality)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
@@ -298,6 +416,7 @@ def main() -> None:
 
     n_items, n_groups, sizes, sft_steps, n_boot, n_test = (
         (32, 200, (8, 16), 0, 200, 0) if args.quick else (N_ITEMS, GROUPS, GROUP_SIZES, SFT_STEPS, BOOTSTRAP, 32))
+    window_sizes, n_chains, chain_steps = ((8, 16), 8, 10) if args.quick else (WINDOW_SIZES, CHAINS, CHAIN_STEPS)
     suffix = "_quick" if args.quick else ""
     phases: dict[str, float] = {}
     t0 = last = time.time()
@@ -316,17 +435,26 @@ def main() -> None:
     problems, sft_problems = fresh_problems(n_items, sft_steps * real.STEP_SAMPLES)
     test = real.splits(8, n_test, 0)[0]  # the real track's held-out problems, for the checkpoint's grade
     examples, item_index = scored_examples(problems)
-    model, tokenizer = real.load_model(args.model, lora=False)
+    cache = pathlib.Path(args.cache_dir) / f"selection-scores-{cache_key(weights_sha, n_items, sft_steps, n_test)}.json"
     phase("data")
-    scores = {"base": score(model, tokenizer, examples)}
-    phase("score_base")
-    sft_info = None
-    if sft_steps:
-        model, sft_info = sft_checkpoint(args.model, tokenizer, sft_problems, sft_steps, test)
-        phase("sft")
-        scores["sft"] = score(model, tokenizer, examples)
-        phase("score_sft")
-    del model
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        scores, sft_info = cached["scores"], cached["sft"]
+        print(f"scores from {cache}", flush=True)
+        phase("scores_from_cache")
+    else:
+        model, tokenizer = real.load_model(args.model, lora=False)
+        scores = {"base": score(model, tokenizer, examples)}
+        phase("score_base")
+        sft_info = None
+        if sft_steps:
+            model, sft_info = sft_checkpoint(args.model, tokenizer, sft_problems, sft_steps, test)
+            phase("sft")
+            scores["sft"] = score(model, tokenizer, examples)
+            phase("score_sft")
+        del model
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"scores": scores, "sft": sft_info}))
 
     token_ratios = sorted({r for _, r in BUDGETS.values()})
     example_kinds = np.array([e.kind for e in examples])
@@ -367,19 +495,48 @@ def main() -> None:
                     "groups": {str(g): groups[g][:args.dump_groups].tolist() for g in sizes}}
         phase(f"replay_{ckpt}")
 
+    # Triage windows, 30% corrupted: the same runs of steps for every checkpoint, budget and arm.
+    warm = max(window for window, _ in WINDOW_ARMS.values()) - 1
+    chain_rng = np.random.default_rng(SEEDS["window_steps"])
+    chains = {g: window_chains(n_items, g, n_chains, warm + chain_steps, chain_rng) for g in window_sizes}
+    chain_weights = np.random.default_rng(SEEDS["window_bootstrap"]).multinomial(
+        n_chains, np.full(n_chains, 1 / n_chains), size=n_boot).astype(np.float64)
+    windows: dict = {}
+    index = np.array(item_index["30%"])
+    for ckpt, sc in scores.items():
+        ppl = torch.tensor(sc["ppl"], dtype=torch.float64)[index]
+        ent = torch.tensor(sc["ent"], dtype=torch.float64)[index]
+        for budget in ("25x50", "12.5x50"):
+            for g in window_sizes:
+                windows.setdefault(ckpt, {}).setdefault(budget, {})[str(g)] = {
+                    arm: summarise_window(replay_window(ppl, ent, example_kinds[index], chains[g], BUDGETS[budget][0],
+                                                        window, hold, warm), chain_weights)
+                    for arm, (window, hold) in WINDOW_ARMS.items()}
+        if args.dump_groups:
+            dumps[ckpt]["30%"]["chains"] = {str(g): chains[g].tolist() for g in window_sizes}
+            dumps[ckpt]["30%"]["uncounted_first_steps"] = warm
+        phase(f"windows_{ckpt}")
+
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     figures.plot_selection(cells, sizes, base_rates["30%"]["corrupted"], n_items,
-                           out / f"selection{suffix}.png")
+                           out / f"selection{suffix}.png", windows)
     checkpoints = list(scores)
     tables = {f"{budget}": table(cells, budget, sizes, checkpoints) for budget in BUDGETS}
     tables["kinds_25x50"] = kind_table(cells, "25x50", sizes, checkpoints, base_rates["30%"])
+    tables["budget"] = budget_table(cells, sizes, checkpoints)
+    for budget in ("25x50", "12.5x50"):
+        tables[f"windows_{budget}"] = window_table(windows, cells, budget, checkpoints, "kept_corrupted_share")
+        tables[f"windows_fill_up_{budget}"] = window_table(windows, cells, budget, checkpoints, "fill_up_share")
     phase("report")
     headline = {ckpt: {str(g): cells[ckpt]["30%"]["25x50"][str(g)]["kept_corrupted_share"] for g in [*sizes, "all"]}
                 for ckpt in checkpoints}
     total = round(time.time() - t0, 1)
+    window_headline = {ckpt: {g: {arm: cell["kept_corrupted_share"] for arm, cell in arms.items()}
+                              for g, arms in windows[ckpt]["25x50"].items()} for ckpt in checkpoints}
     result = {"unit": "share of kept samples that are corrupted, 25% x 50%", "base_rate": base_rates["30%"]["corrupted"],
-              "kept_corrupted_share": headline, "quick": args.quick, "total_wall_s": total}
+              "kept_corrupted_share": headline, "window_kept_corrupted_share": window_headline, "quick": args.quick,
+              "total_wall_s": total}
     (out / f"results_selection{suffix}.json").write_text(json.dumps({
         **result,
         "model": {"name": "SmolLM2-135M-Instruct", "weights_file": "model.safetensors", "sha256": weights_sha},
@@ -388,12 +545,18 @@ def main() -> None:
                      "groups_per_size": n_groups, "budgets": BUDGETS, "bootstrap_draws": n_boot,
                      "triage": "QTuningConfig defaults: max_bisect_iters 10, bisect_tolerance 0.01, context_weight 0.5",
                      "groups": "drawn without replacement within a group, the same groups for every budget and checkpoint",
+                     "windows": {"arms": {arm: {"triage_window": w, "hold_budget": h} for arm, (w, h) in WINDOW_ARMS.items()},
+                                 "step_sizes": list(window_sizes), "runs": n_chains, "counted_steps_per_run": chain_steps,
+                                 "uncounted_first_steps": warm, "noise": NOISE,
+                                 "steps": "each run reads seeded permutations of the items one after the other, "
+                                          "the same runs for every arm, budget and checkpoint; bootstrap over runs"},
+                     "score_cache": cache.name,
                      "sft": {"steps": sft_steps, "problems": len(sft_problems), "noise": NOISE, "lr": real.LR[real.FINETUNE],
                              "finetune": real.FINETUNE, "micro_batch": real.MICRO_BATCH, "grad_accum": real.GRAD_ACCUM,
                              "warmup_steps": real.WARMUP_STEPS, **(sft_info or {})},
                      "corrupted_tokens": "mathdata's bad_spans: the wrong numbers of a wrong_number response; the "
                                          "whole response and <|im_end|> of the other kinds"},
-        "base_rates": base_rates, "wall_s": phases, "cells": cells, "tables": tables,
+        "base_rates": base_rates, "wall_s": phases, "cells": cells, "windows": windows, "tables": tables,
         **({"dump": dumps} if dumps else {})}, indent=1))
     for title, text in tables.items():
         print(f"\n{title}\n{text}")

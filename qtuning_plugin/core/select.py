@@ -33,6 +33,8 @@ class Selection:
         ent: ``[B]`` float64 sample mean entropy in nats (NaN likewise).
         triage: the `Triage` this came from (over the global mini-batch when gathered;
             the per-sample fields above are this rank's rows of it).
+        rows: ``[B_all, 3]`` float64 (PPL, Ent, valid) of every sample of the triage (every
+            rank's when gathered), in the triage's order: what joins a triage window.
         stats: ``qtuning/``-prefixed Python floats for logging.
     """
 
@@ -44,6 +46,7 @@ class Selection:
     ppl: Tensor
     ent: Tensor
     triage: Triage
+    rows: Tensor
     stats: dict[str, float]
 
 
@@ -63,6 +66,7 @@ def select(
     config: QTuningConfig,
     *,
     sample_gather: Optional[SampleGather] = None,
+    earlier: Optional[Tensor] = None,
 ) -> Selection:
     """Triage the samples of a mini-batch and prune the tokens of its Q2 samples.
 
@@ -77,6 +81,8 @@ def select(
         config: the `QTuningConfig` (ratios, lambda, bisection settings).
         sample_gather: in data-parallel training, gathers every rank's per-sample
             statistics so that the thresholds are those of the global mini-batch.
+        earlier: ``[M, 2]`` (PPL, Ent) of the triage window's earlier steps (`TriageWindow`),
+            pooled for the thresholds (docs/algorithm.md section 4a); None: this mini-batch alone.
 
     Raises:
         FloatingPointError: a trainable position has a non-finite NLL or entropy.
@@ -88,7 +94,7 @@ def select(
 
     local = torch.stack([ppl, ent, valid.to(torch.float64)], dim=1)
     rows, offset = (local, 0) if sample_gather is None else sample_gather(local)
-    triage = triage_with_config(rows[:, 0], rows[:, 1], rows[:, 2].bool(), config)
+    triage = triage_with_config(rows[:, 0], rows[:, 1], rows[:, 2].bool(), config, earlier)
     mine = slice(offset, offset + nll.shape[0])
     sample_mask, q2 = triage.keep[mine].to(mask.device), triage.q2[mine].to(mask.device)
 
@@ -102,13 +108,18 @@ def select(
     )
     token_mask &= sample_mask.unsqueeze(1)
     stats = selection_stats(rows, triage, mask, sample_mask, token_mask)
+    if config.triage_window > 1:
+        stats["qtuning/window_samples"] = float(triage.pooled)
     return Selection(
-        sample_mask, token_mask, q2, triage.quadrant[mine], triage.filled[mine], ppl, ent, triage, stats
+        sample_mask, token_mask, q2, triage.quadrant[mine], triage.filled[mine], ppl, ent, triage, rows, stats
     )
 
 
-def triage_with_config(ppl: Tensor, ent: Tensor, valid: Tensor, config: QTuningConfig) -> Triage:
-    """`triage_samples` of ``[B]`` statistics at the configured ratio and bisection settings."""
+def triage_with_config(
+    ppl: Tensor, ent: Tensor, valid: Tensor, config: QTuningConfig, earlier: Optional[Tensor] = None
+) -> Triage:
+    """`triage_samples` of ``[B]`` statistics at the configured ratio, bisection settings and budget
+    rule, the thresholds pooled with ``earlier`` (a triage window's earlier samples) where given."""
     return triage_samples(
         ppl,
         ent,
@@ -116,6 +127,8 @@ def triage_with_config(ppl: Tensor, ent: Tensor, valid: Tensor, config: QTuningC
         max_iters=config.max_bisect_iters,
         tol=config.bisect_tolerance,
         valid=valid,
+        earlier=earlier,
+        hold_budget=config.holds_budget,
     )
 
 
@@ -136,6 +149,7 @@ def selection_stats(
     sums = {
         **{name.lower(): triage.quadrant == index for index, name in enumerate(QUADRANTS)},
         "filled": triage.filled,
+        "trimmed": triage.trimmed,
         "without_target": ~valid,
         "kept": keep,
         "valid": valid,
@@ -158,6 +172,7 @@ def selection_stats(
         "qtuning/samples_q4": on_host["q4"],
         "qtuning/samples_middle": on_host["middle"],
         "qtuning/samples_filled": on_host["filled"],
+        "qtuning/samples_trimmed": on_host["trimmed"],
         "qtuning/samples_without_target": on_host["without_target"],
         "qtuning/alpha": triage.alpha,
         "qtuning/ppl_hi": triage.ppl_hi,

@@ -31,6 +31,7 @@ from qtuning_plugin._logging import LOG
 from qtuning_plugin.config import QTuningConfig
 from qtuning_plugin.core import Selection, select
 from qtuning_plugin.core.triage import NO_TARGET
+from qtuning_plugin.core.window import TriageWindow
 from qtuning_plugin.distributed import default_sample_gather
 from qtuning_plugin.engine.micro_batch import MicroBatch
 from qtuning_plugin.engine.passes import PASS_KEY, TrainingPass, training_passes
@@ -129,6 +130,9 @@ class QTuningEngine:
             kept units) over torch.distributed's default process group when one runs.
         listeners: called with every `SelectionEvent`; more can be appended to ``listeners``.
         backend: the fused ops to use; by default resolved from ``config.backend`` on first use.
+
+    ``window`` holds the earlier steps' samples that a triage's thresholds pool with its own
+    (``triage_window``; empty at 1); a host that checkpoints saves and restores it.
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class QTuningEngine:
         self.data_parallel = data_parallel
         self.listeners = list(listeners)
         self.backend = backend
+        self.window = TriageWindow(config.triage_window)
         self._warned_small_triage = False
         self._checked_labels = False
 
@@ -211,7 +216,8 @@ class QTuningEngine:
     def select(
         self, batches: Sequence[MicroBatch], scores: Sequence[tuple[Tensor, Tensor]], step: int
     ) -> SelectionEvent:
-        """One core `select` over the samples of ``batches``, given each one's ``(nll, entropy)``."""
+        """One core `select` over the samples of ``batches``, given each one's ``(nll, entropy)``, pooled
+        with the triage window's earlier steps; the step then joins the window."""
         masks = [b.per_sample(b.mask, False) for b in batches]
         selection = select(
             _pad_cat([b.per_sample(nll) for b, (nll, _) in zip(batches, scores)], 0.0),
@@ -219,7 +225,9 @@ class QTuningEngine:
             _pad_cat(masks, False),
             self.config,
             sample_gather=default_sample_gather() if self.data_parallel else None,
+            earlier=self.window.earlier(),
         )
+        self.window.push(selection.rows)
         self._warn_if_small(selection)
         self._warn_if_labels_cover_prompts(batches)
         token_masks, start = [], 0

@@ -59,9 +59,10 @@ class QTuningTrainerMixin:
         if isinstance(qtuning_config, QTuningConfig):
             qtuning_config = qtuning_config.model_dump()
         self.qtuning_config = QTuningConfig.model_validate(qtuning_config)
-        # Metrics, plot data and checkpointed state, in one place (qtuning_plugin.history).
-        self.qtuning_history = QTuningHistory()
-        self.qtuning_engine = QTuningEngine(self.qtuning_config, listeners=[self.qtuning_history.record_event])
+        # Metrics, plot data and checkpointed state (the triage window too), in one place (qtuning_plugin.history).
+        self.qtuning_engine = QTuningEngine(self.qtuning_config)
+        self.qtuning_history = QTuningHistory(window=self.qtuning_engine.window)
+        self.qtuning_engine.listeners.append(self.qtuning_history.record_event)
         if qtuning_on_selection is not None:
             self.qtuning_engine.listeners.append(qtuning_on_selection)
         if self.qtuning_config.enabled:
