@@ -29,7 +29,7 @@ command -v "$PYTHON" >/dev/null || {
 }
 TORCH="torch==2.13.0"
 LLAMAFACTORY="llamafactory==0.9.5"
-TEST_TOOLS="pytest>=8 pytest-xdist>=3.6"
+TEST_TOOLS="pytest>=8 pytest-xdist>=3.8"
 CUDA_ONLY_WHEELS="torchvision torchaudio"
 TORCHAUDIO_PLACEHOLDER='"""Placeholder for torchaudio in the CPU test environment of qtuning-plugin (scripts/llamafactory-env.sh).
 
