@@ -25,13 +25,6 @@ pytestmark = pytest.mark.integration
 SAMPLES = 48
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from qtuning_plugin.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-
-
 def qtuning_command(name: str, config: Path, *args: str) -> subprocess.CompletedProcess:
     """``axolotl qtuning NAME CONFIG ARGS`` through Axolotl's own CLI (entry point `axolotl.cli_commands`)."""
     command = [sys.executable, "-m", "axolotl.cli.main", "qtuning", name, str(config), *args]

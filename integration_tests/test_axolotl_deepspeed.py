@@ -23,7 +23,7 @@ from test_axolotl_train import SAMPLE_KEEP, TOKEN_KEEP, check_finished, check_re
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (dev extra)"),
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (the `test` extra)"),
 ]
 
 STEPS, MICRO_BATCH, ACCUMULATION, RANKS = 4, 4, 2, 2
@@ -53,16 +53,13 @@ ZERO3_BF16 = {
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory) -> Run:
-    from qtuning_plugin.tiny import build_tiny_model
-
+def zero3_run(tiny_model, tmp_path_factory) -> Run:
     workdir = tmp_path_factory.mktemp("zero3")
-    model = build_tiny_model(workdir / "tiny-model")
     deepspeed_json = workdir / "zero3_bf16_cpu.json"
     deepspeed_json.write_text(json.dumps(ZERO3_BF16, indent=2), encoding="utf-8")
     config = tiny_config(
         workdir,
-        model,
+        tiny_model,
         steps=STEPS,
         plugins=["qtuning_plugin.QTuningPlugin", "qtuning_probe.ProbePlugin", "qtuning_probe.CpuRanksPlugin"],
         qtuning={"sample_keep_ratio": SAMPLE_KEEP, "token_keep_ratio": TOKEN_KEEP},

@@ -116,13 +116,6 @@ def decision_lines(output_dir: Path) -> list[dict]:
     return read_jsonl(str(output_dir / DECISIONS_NAME))
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from qtuning_plugin.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-
-
 def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_metrics(tiny_model, tmp_path):
     full = run_axolotl_train(tiny_config(tmp_path / "full", tiny_model, **OVERRIDES), cli_args=LAUNCHER)
     assert full.returncode == 0, full.tail()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -29,13 +28,6 @@ OVERRIDES = dict(
     logging_steps=1,
     dataset_num_proc=1,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from qtuning_plugin.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 def _qtuning_logs(state: dict) -> dict[int, dict]:

@@ -152,6 +152,17 @@ def test_qtuning_loss_is_finite_and_falls(qtuning_run, plain_run):
     assert len(evals) == 2 and evals[1] < evals[0], evals
 
 
+def test_axolotl_token_counts_are_those_of_plain_axolotl(qtuning_run, plain_run):
+    """Axolotl's own `compute_loss` work still runs under Q-Tuning, on every micro-batch of a step
+    triaged as a whole: the token counts behind its `tokens/train_per_sec_per_gpu` metric are
+    logged, and equal plain Axolotl's on the same data."""
+    check_finished(qtuning_run)
+    check_finished(plain_run)
+    counts = [entry.get("tokens/trainable") for entry in qtuning_run.train_logs()]
+    assert counts == [entry.get("tokens/trainable") for entry in plain_run.train_logs()]
+    assert None not in counts and counts == sorted(counts) and counts[0] > 0, counts
+
+
 def test_disabled_qtuning_gives_exactly_plain_axolotls_losses(disabled_run, plain_run):
     check_finished(disabled_run)
     check_finished(plain_run)

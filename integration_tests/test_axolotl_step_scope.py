@@ -18,13 +18,6 @@ SAMPLE_KEEP, TOKEN_KEEP = 0.25, 0.5
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from qtuning_plugin.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="module")
 def step_run(tiny_model, tmp_path_factory):
     config = tiny_config(
         tmp_path_factory.mktemp("step-scope"),

@@ -1,8 +1,11 @@
 """End to end: the real `axolotl train` (subprocess, CPU, offline) on the tiny example.
 
-About 4-5 minutes on 2 CPU cores: each run is ~50 s, nearly all of it start-up
-(`axolotl` -> `accelerate launch` -> the training process); the training
-steps themselves take well under a second each.
+Six runs, about 100 s of CPU time in all, nearly all of it start-up (`axolotl` -> `accelerate
+launch` -> the training process): the training steps themselves take well under a second each,
+and half of the runs stop in config validation. Each run carries every check that its
+configuration allows: the plugin's module path rides on the QLoRA run, both errors of a bad
+section on one run. That `qtuning: {enabled: false}` trains exactly as plain Axolotl is checked
+on SmolLM2 (test_axolotl_smollm2.py), where the two runs are seeded alike.
 """
 
 from __future__ import annotations
@@ -37,15 +40,9 @@ MICRO_BATCH = 8
 SAMPLE_KEEP, TOKEN_KEEP = 0.5, 0.5
 STORAGE_BYTES = {"torch.uint8": 1, "torch.bfloat16": 2, "torch.float16": 2, "torch.float32": 4}
 PROBE = ["qtuning_plugin.QTuningPlugin", "qtuning_probe.ProbePlugin"]
+# The plugin's class by its module path, as users may write it instead of the README's name.
+MODULE_PATH = "qtuning_plugin.axolotl.plugin.QTuningPlugin"
 MISSING_PLUGIN = "has not loaded the Q-Tuning plugin"  # qtuning_plugin/axolotl/guard.py
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """The tiny Llama and tokenizer, built once for this module (about 10 s)."""
-    from qtuning_plugin.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +101,12 @@ def test_plugin_named_as_in_the_readme_is_active_once(qtuning_run):
     check_active_once(qtuning_run, STEPS)
 
 
-@pytest.mark.parametrize(
-    "plugins", [["qtuning_plugin.axolotl.plugin.QTuningPlugin"], None], ids=["module-name", "no-plugins-line"]
-)
-def test_other_ways_of_naming_the_plugin(tiny_model, tmp_path, plugins):
-    """The README's name is `qtuning_run`'s; here the class's module path, and no `plugins:` line."""
+def test_no_plugins_line(tiny_model, tmp_path):
+    """The README's name is `qtuning_run`'s, the class's module path the QLoRA run's; here none."""
     steps = 3
-    config = tiny_config(tmp_path, tiny_model, steps=steps, plugins=plugins, val_set_size=0, eval_steps=None)
+    config = tiny_config(tmp_path, tiny_model, steps=steps, plugins=None, val_set_size=0, eval_steps=None)
     run = run_axolotl_train(config)
-    if plugins is None and not LOADS_ENTRY_POINTS:
+    if not LOADS_ENTRY_POINTS:
         # 0.19 loads no plugin without the line and would ignore `qtuning:` (plain SFT): it stops
         # instead, in config validation, naming the lines to add
         assert run.returncode != 0 and MISSING_PLUGIN in run.output, run.tail()
@@ -203,38 +197,13 @@ def test_position_ids_absent_in_unpacked_batches(qtuning_run):
     assert all(label == -100 for label in batch["row_labels"][length:])
 
 
-@pytest.fixture(scope="module")
-def plain_run(tiny_model, tmp_path_factory) -> Run:
-    config = tiny_config(tmp_path_factory.mktemp("plain"), tiny_model, steps=STEPS, qtuning={"enabled": False})
-    return run_axolotl_train(config)
-
-
-def test_axolotl_token_counts_are_those_of_plain_axolotl(qtuning_run, plain_run):
-    """Axolotl's own `compute_loss` work still runs under Q-Tuning: the token counts behind its
-    `tokens/train_per_sec_per_gpu` metric are logged, and equal plain Axolotl's on the same data."""
-    check_finished(qtuning_run)
-    check_finished(plain_run)
-    counts = [entry.get("tokens/trainable") for entry in qtuning_run.train_logs()]
-    assert counts == [entry.get("tokens/trainable") for entry in plain_run.train_logs()]
-    assert None not in counts and counts == sorted(counts) and counts[0] > 0, counts
-
-
-def test_disabled_qtuning_trains_with_plain_loss(plain_run):
-    run = plain_run
-    check_finished(run)
-    logs = run.train_logs()
-    assert not [key for entry in run.trainer_state()["log_history"] for key in entry if key.startswith("qtuning/")]
-    assert all(math.isfinite(entry["loss"]) for entry in logs)
-    check_loss_falls(run)
-    assert "Q-Tuning is active" not in run.output
-
-
 def test_qlora_trains_with_4bit_layers(tiny_model, tmp_path):
+    """QLoRA, with the plugin named by its module path: active once, as under the README's name."""
     config = tiny_config(
         tmp_path,
         tiny_model,
         steps=STEPS,
-        plugins=PROBE,
+        plugins=[MODULE_PATH, "qtuning_probe.ProbePlugin"],
         adapter="qlora",
         load_in_4bit=True,
         # No evaluation: on CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight for
@@ -245,7 +214,7 @@ def test_qlora_trains_with_4bit_layers(tiny_model, tmp_path):
         eval_steps=None,
     )
     run = run_axolotl_train(config)
-    check_finished(run)
+    check_active_once(run, STEPS)
     probe = run.probe()
     assert probe["trainer_cls"] == "qtuning_plugin.axolotl.trainer.AxolotlQTuningTrainer"
     # every linear layer of the 2 decoder layers (q, k, v, o, gate, up, down) is a bnb Linear4bit
@@ -267,27 +236,28 @@ def test_qlora_trains_with_4bit_layers(tiny_model, tmp_path):
     check_selections_match_spec(run)
 
 
+# One section with two errors: config validation reports every one of them, each on its own line.
+BAD_SECTION = {"sample_keep_ratio": 1.5, "samples_keep_ratio": 0.5}
+BAD_SECTION_ERRORS = [
+    "qtuning.sample_keep_ratio: Input should be less than or equal to 1",
+    "qtuning.samples_keep_ratio: unknown key; the keys are enabled, sample_keep_ratio,",
+]
+
+
 @pytest.mark.parametrize("plugins_line", [True, False], ids=["plugins-line", "no-plugins-line"])
-@pytest.mark.parametrize(
-    "section, key, message",
-    [
-        ({"sample_keep_ratio": 1.5}, "qtuning.sample_keep_ratio", "less than or equal to 1"),
-        ({"samples_keep_ratio": 0.5}, "qtuning.samples_keep_ratio",
-         "qtuning.samples_keep_ratio: unknown key; the keys are enabled, sample_keep_ratio,"),
-    ],
-    ids=["out-of-range", "unknown-key"],
-)
-def test_bad_qtuning_section_fails_before_model_load(tmp_path, section, key, message, plugins_line):
+def test_bad_qtuning_section_fails_before_model_load(tmp_path, plugins_line):
     missing_model = tmp_path / "no-such-model"  # reaching the model loader would fail differently
     overrides = {} if plugins_line else {"plugins": None}
-    config = tiny_config(tmp_path, missing_model, steps=STEPS, qtuning=section, **overrides)
+    config = tiny_config(tmp_path, missing_model, steps=STEPS, qtuning=BAD_SECTION, **overrides)
     run = run_axolotl_train(config, timeout=300)
     assert run.returncode != 0
     if not plugins_line and not LOADS_ENTRY_POINTS:
         # 0.19 without the line would ignore `qtuning:`: the run stops, naming the lines to add
         assert MISSING_PLUGIN in run.output and "plugins:\n  - qtuning_plugin.QTuningPlugin\n" in run.output, run.tail()
     else:
-        assert "ValidationError" in run.output and key in run.output and message in run.output, run.tail()
+        assert "ValidationError" in run.output, run.tail()
+        for error in BAD_SECTION_ERRORS:
+            assert error in run.output, (error, run.tail())
     # it stopped in config validation: no plugin pre_model_load, no model loader, no mention of the model path
     assert "Q-Tuning is active" not in run.output
     assert "axolotl.loaders" not in run.output

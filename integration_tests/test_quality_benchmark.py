@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+# The toy benchmark (transformers' Trainer, no Axolotl) is a tool of `make test`'s environment: it runs there only.
+pytestmark = [pytest.mark.integration, pytest.mark.env_independent]
 
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run.py"
 ARMS = {"full", "random_25", "qtuning_25x70", "qtuning_12.5x50", "reversed_25x70", "triage_only_25", "oracle_clean", "oracle_25"}

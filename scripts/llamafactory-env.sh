@@ -7,7 +7,8 @@
 # A virtual environment cached under $QTUNING_VENV_CACHE (default ~/.cache/qtuning-plugin) as
 # llamafactory-venv-<hash of pyproject.toml and the definition below>, holding the CPU build of
 # torch, LLaMA-Factory with its own pins (transformers, peft, trl, accelerate, datasets), this
-# package's `[llamafactory]` extra and pytest; this repository is installed editable.
+# package's `[llamafactory]` extra, pytest and pytest-xdist; this repository is installed editable.
+# Python 3.11 (the host's `python3.11`, or the interpreter PYTHON names): without it, an error.
 #
 # CPU only, and only here: PyPI's torchvision and torchaudio wheels are CUDA builds, linked
 # against libtorch_cuda, and do not load on the CPU torch ("operator torchvision::nms does not
@@ -22,10 +23,13 @@ REPO="$(cd "$(dirname "$0")/.." && pwd -P)"
 cd "$REPO"
 
 PYTHON="${PYTHON:-python3.11}"
-command -v "$PYTHON" >/dev/null || PYTHON=python3
+command -v "$PYTHON" >/dev/null || {
+  echo "llamafactory-env: $PYTHON not found; install Python 3.11 (or name an interpreter: PYTHON=python3.12 $0 ...)" >&2
+  exit 1
+}
 TORCH="torch==2.13.0"
 LLAMAFACTORY="llamafactory==0.9.5"
-TEST_TOOLS="pytest>=8"
+TEST_TOOLS="pytest>=8 pytest-xdist>=3.8"
 CUDA_ONLY_WHEELS="torchvision torchaudio"
 TORCHAUDIO_PLACEHOLDER='"""Placeholder for torchaudio in the CPU test environment of qtuning-plugin (scripts/llamafactory-env.sh).
 
@@ -42,7 +46,9 @@ def __getattr__(name):
 '
 
 CACHE="${QTUNING_VENV_CACHE:-$HOME/.cache/qtuning-plugin}"
-DEFINITION=("$PYTHON" "$TORCH" "$LLAMAFACTORY" "$TEST_TOOLS" "$CUDA_ONLY_WHEELS" "$TORCHAUDIO_PLACEHOLDER")
+# the interpreter itself (its path and build) is part of the definition
+INTERPRETER="$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys.executable), sys.version)')"
+DEFINITION=("$INTERPRETER" "$TORCH" "$LLAMAFACTORY" "$TEST_TOOLS" "$CUDA_ONLY_WHEELS" "$TORCHAUDIO_PLACEHOLDER")
 KEY="$( (cat pyproject.toml; printf '%s\n' "${DEFINITION[@]}") | sha256sum | cut -c1-16)"
 ENV_DIR="$CACHE/llamafactory-venv-$KEY"
 
@@ -57,7 +63,8 @@ build() {
   # The CPU wheel first, and pinned again on the same line as LLaMA-Factory: without the pin,
   # pip resolves LLaMA-Factory's torch/torchaudio requirements to another (CUDA) torch.
   "$ENV_DIR/bin/pip" install -q "$TORCH"
-  "$ENV_DIR/bin/pip" install -q "$TORCH" "$LLAMAFACTORY" ".[llamafactory]" "$TEST_TOOLS"
+  # shellcheck disable=SC2086  # TEST_TOOLS is a list of requirements
+  "$ENV_DIR/bin/pip" install -q "$TORCH" "$LLAMAFACTORY" ".[llamafactory]" $TEST_TOOLS
   "$ENV_DIR/bin/pip" uninstall -q -y qtuning-plugin $CUDA_ONLY_WHEELS
   site="$("$ENV_DIR/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   mkdir -p "$site/torchaudio"

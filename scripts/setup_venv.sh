@@ -30,10 +30,16 @@ case "$PROFILE" in
     ;;
 esac
 
+# Python 3.11, the tested release; PYTHON=... picks another interpreter explicitly.
 PYTHON="${PYTHON:-python3.11}"
-command -v "$PYTHON" >/dev/null || PYTHON=python3
+command -v "$PYTHON" >/dev/null || {
+  echo "setup: $PYTHON not found; install Python 3.11 (or name an interpreter: PYTHON=python3.12 $0 ...)" >&2
+  exit 1
+}
+# the interpreter itself (its path and build) is part of the definition
+INTERPRETER="$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys.executable), sys.version)')"
 CACHE="${QTUNING_VENV_CACHE:-$HOME/.cache/qtuning-plugin}"
-KEY="$( (cat pyproject.toml; printf '%s\n' "$PROFILE" "$EXTRAS" "$PACKAGES") | sha256sum | cut -c1-16)"
+KEY="$( (cat pyproject.toml; printf '%s\n' "$PROFILE" "$EXTRAS" "$PACKAGES" "$INTERPRETER") | sha256sum | cut -c1-16)"
 ENV_DIR="$CACHE/venv-$PROFILE-$KEY"
 
 if [ ! -f "$ENV_DIR/.complete" ]; then

@@ -5,6 +5,8 @@ from pydantic import ValidationError
 
 from qtuning_plugin import QTuningConfig
 
+pytestmark = pytest.mark.env_independent  # pydantic and Python only: `make test` only
+
 
 def test_paper_defaults():
     config = QTuningConfig()

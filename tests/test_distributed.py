@@ -148,7 +148,7 @@ def test_fsdp_step_selects_and_trains_as_one_process(ranks, name):
 def _trainer_run(ranks, scope, name):
     """``[rank0, rank1]`` records of one `worker.TRAINER_RUNS` run."""
     if worker.TRAINER_RUNS[name][0] != "ddp" and importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("DeepSpeed is not installed (it is in the `dev` extra)")
+        pytest.skip("deepspeed is not installed (it is in the `test` extra)")
     runs = [ranks[rank]["trainer"][scope][name] for rank in range(2)]
     for run in runs:
         assert "error" not in run, run.get("error")

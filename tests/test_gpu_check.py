@@ -28,6 +28,8 @@ import pytest
 import torch
 import yaml
 
+pytestmark = pytest.mark.env_independent  # the GPU check's tooling, exercised on CPU: `make test` only
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHON": sys.executable}
 

@@ -118,9 +118,11 @@ def triton_stats():
 
 @pytest.fixture(scope="module")
 def liger_ops():
-    """`qtuning_plugin.ops.liger`; skips only where triton or liger-kernel is not installed."""
-    if not (HAS_TRITON and HAS_LIGER):
-        pytest.skip("liger-kernel (and triton) are not installed")
+    """`qtuning_plugin.ops.liger`; skips only where triton or liger_kernel is not installed."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if not HAS_LIGER:
+        pytest.skip("liger_kernel is not installed")
     from qtuning_plugin.ops import liger as module
 
     return module
@@ -165,7 +167,7 @@ def test_cuda_device_without_cuda_names_the_reason():
 
 
 @CHILD_ONLY
-@pytest.mark.skipif(not HAS_LIGER, reason="liger-kernel is not installed")
+@pytest.mark.skipif(not HAS_LIGER, reason="liger_kernel is not installed")
 def test_auto_picks_liger_where_it_can_run(monkeypatch, caplog):
     monkeypatch.setattr(backends, "_triton_problem", lambda: None)
     monkeypatch.setattr(backends, "_liger_problem", lambda: None)
@@ -477,8 +479,10 @@ def test_parity_under_triton_interpreter(tmp_path):
     """Run this module on CPU in a child pytest with ``TRITON_INTERPRET=1``: every CPU
     ``test_parity_*`` (`CPU_PARITY_TESTS` of them) and every ``CHILD_ONLY`` test must pass there;
     a skip counts as a failure, except of the CUDA and parent-process tests."""
-    if not (HAS_TRITON and HAS_LIGER):
-        pytest.skip("triton and liger-kernel are not installed")
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if not HAS_LIGER:
+        pytest.skip("liger_kernel is not installed")
     report = tmp_path / "child.xml"
     env = {**os.environ, "TRITON_INTERPRET": "1", CHILD_ENV: "1"}
     command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={report}", __file__]
@@ -501,7 +505,7 @@ def test_parity_under_triton_interpreter(tmp_path):
 
 # ------------------------------------------------- coexistence with Liger's lce_forward
 @CHILD_ONLY
-@pytest.mark.skipif(not HAS_LIGER, reason="liger-kernel is not installed")
+@pytest.mark.skipif(not HAS_LIGER, reason="liger_kernel is not installed")
 def test_final_hidden_states_through_liger_lce_forward(tmp_path):
     """With Liger's ``lce_forward`` patched into a Llama (as Axolotl's liger plugin does), our
     forward (no labels, ``logits_to_keep=1``) still yields the decoder's hidden states, the LM head

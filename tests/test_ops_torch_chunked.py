@@ -26,6 +26,8 @@ from qtuning_plugin.ops import default_chunk_size, linear_cross_entropy, token_s
 
 from conftest import CUDA
 
+pytestmark = pytest.mark.env_independent  # torch only: `make test` only
+
 IGNORE = -100
 FP32_TOL = {"atol": 1e-5, "rtol": 1e-5}
 HALF_STATS_ATOL = 2e-2

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.env_independent  # the quality benchmark's data, Python only: `make test` only
+
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "mathdata.py"
 spec = importlib.util.spec_from_file_location("mathdata", PATH)
 mathdata = importlib.util.module_from_spec(spec)

@@ -1,9 +1,12 @@
 import hashlib
 import struct
 
+import pytest
 import torch
 
 from qtuning_plugin.sample_key import sample_key
+
+pytestmark = pytest.mark.env_independent  # torch only: `make test` only
 
 
 def test_key_is_sha256_of_little_endian_int64_ids():

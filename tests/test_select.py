@@ -10,6 +10,8 @@ from qtuning_plugin.core import Segments, is_packed, sample_stats
 
 from reference import reference_select
 
+pytestmark = pytest.mark.env_independent  # torch only: `make test` only
+
 
 def make_batch(batch=8, length=12, seed=0):
     generator = torch.Generator().manual_seed(seed)

@@ -7,6 +7,8 @@ import torch
 
 from qtuning_plugin.core import prune_tokens, token_scores
 
+pytestmark = pytest.mark.env_independent  # torch only: `make test` only
+
 
 def row(ppl_values, mask_values):
     nll = torch.tensor([[math.log(p) if p > 0 else 0.0 for p in ppl_values]], dtype=torch.float32)

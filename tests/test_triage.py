@@ -12,6 +12,8 @@ from qtuning_plugin.core.triage import NO_TARGET, QUADRANTS
 
 from reference import reference_pooled_triage, reference_triage
 
+pytestmark = pytest.mark.env_independent  # torch only: `make test` only
+
 
 def t(values):
     return torch.tensor(values, dtype=torch.float64)
