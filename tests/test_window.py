@@ -17,6 +17,8 @@ from qtuning_plugin.history import STATE_NAME, QTuningHistory
 
 from reference import reference_pooled_triage
 
+pytestmark = pytest.mark.env_independent  # torch only: `make test` only
+
 
 def random_step(seed: int, rows: int, length: int = 10):
     """Two micro-batches of ``rows`` rows with random per-token statistics; labels mask a prompt of
