@@ -73,9 +73,9 @@ SAMPLE_KEEP = 0.25
 # 0.102 at step 32, within 5% of the drop from 1.190 to the lowest, 0.075). Each seed trains on STEPS x
 # STEP_SAMPLES problems, one epoch of full-data SFT.
 STEPS = 32
-# The cost of a forward+backward token in forward-only tokens: `--calibrate`, results_real_calibration.json
-# (median of 10 alternating rounds, 3.90-4.21).
-FB_PER_FORWARD = 4.06
+# The cost of a forward+backward token in forward-only tokens: `--calibrate` on a nearly idle CPU,
+# results_real_calibration.json (median of 10 alternating rounds, 3.74-3.99).
+FB_PER_FORWARD = 3.88
 SEEDS = 7  # with N_TEST problems: about 5 exact-match points detectable (README)
 N_TEST, N_CURVE, N_VAL = 200, 50, 100
 ANSWER_CAP = 40  # new tokens; the longest correct solution of the held-out problems is checked to fit (`answer_cap_fits`)
@@ -89,8 +89,9 @@ PROVENANCE = {
     "schedule, warm-up, step shape, noise, corruption kinds, system turn": "fixed before any run",
     "steps": "--find-steps 96 before any run of the arms: full-data SFT's validation loss flattened at step 32 "
              "(results_real_steps.json)",
-    "fb_per_forward": "--calibrate before any run of the arms: median of 10 alternating rounds, 3.90-4.21, on a "
-                      "2-core x86 CPU under other load, load average 3.6-5.7 (results_real_calibration.json)",
+    "fb_per_forward": "--calibrate before any run of the arms: median of 10 alternating rounds, 3.74-3.99, on a "
+                      "nearly idle 2-core x86 CPU, load average 1.1-1.2 with the calibration itself "
+                      "(results_real_calibration.json); under other load (3.6-5.7) 4.06 (3.90-4.21)",
     "seeds, held-out problems, answer cap": "fixed before any run (the cap: the longest correct solution fits)",
     "q-tuning": "the paper's 25% x 50%, QTuningConfig's other defaults",
 }
