@@ -154,34 +154,56 @@ def plot_noise(summary: dict, grid: dict, arms: list[str], pre_acc: float, out_p
     _save_with_legend_below(fig, axes[0][0], 5, 0.1, out_path)
 
 
-KIND_COLOURS = {"clean": "#1f77b4", "wrong_number": "#ff7f0e", "mismatched": "#d62728", "truncated": "#9467bd",
-                "off_topic": "#8c564b"}
+def _curve_loss(point: dict, n: int) -> float:
+    """The held-out loss of a graded point on its first ``n`` problems (from the per-problem sums)."""
+    return sum(point["nll"][:n]) / sum(point["tokens"][:n])
 
 
-def plot_real(summary: dict, arms: list[str], base_acc: float, plane, title: str, out_path) -> None:
-    """The real-model track (real.py). One panel per noise level: exact match per arm at equal steps
-    and at equal training time (mean ± std, seeds as dots). Last panel: ``plane``, the (PPL, Ent,
-    kind) of the samples that Q-Tuning 25% x 50% triaged during its equal-step run."""
-    levels = list(summary)
-    fig, axes = plt.subplots(1, len(levels) + (plane is not None), figsize=(6.5 * (len(levels) + 1), 5), squeeze=False)
-    for ax, level in zip(axes[0], levels):
-        _accuracy_bars(ax, summary[level], arms)
-        ax.axhline(base_acc, ls="--", c="k", lw=0.8, label="base model (no training)")
-        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("held-out exact match (%)")
-        ax.set_ylim(bottom=0)
-        ax.set_title(f"{title}, {level} corrupted responses", fontsize=9)
-        ax.legend(loc="lower left", fontsize=7)
-    if plane is not None:
-        ax = axes[0][-1]
-        for kind, colour in KIND_COLOURS.items():
-            points = [(ppl, ent) for ppl, ent, k in plane if k == kind and math.isfinite(ppl)]
-            if points:
-                ax.scatter([math.log(p) for p, _ in points], [e for _, e in points], s=8, alpha=0.6, c=colour, label=kind)
-        ax.set_xlabel("log PPL (error)")
-        ax.set_ylabel("mean entropy, nats (uncertainty)")
-        ax.set_title(f"EU plane of the samples Q-Tuning 25% x 50% triaged ({levels[-1]}, seed 0)", fontsize=9)
-        ax.legend(fontsize=8)
+def plot_real(summary: dict, runs: list[dict], title: str, out_path) -> None:
+    """The real-model track (real.py), at equal cost. (a) held-out loss on the first curve problems
+    against the share of the budget spent where it was graded (mean over seeds; 0 is the untrained model); (b) final
+    held-out loss and (c) exact match per arm, seeds as dots; (d) the paired loss differences with
+    their t 95% intervals."""
+    arms = [a for a in summary["arms"] if a != "base"]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    ax = axes[0][0]
+    n = len(next(r for r in runs if r["arm"] != "base")["points"]["25%"]["nll"])
+    base = {r["seed"]: _curve_loss(r["points"]["final"], n) for r in runs if r["arm"] == "base"}
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        marks = list(mine[0]["points"])  # the curve's shares, then "final"
+        shares = [0.0] + [sum(r["points"][k]["cost"] / r["budget"] for r in mine) / len(mine) for k in marks]
+        ys = [sum(base[r["seed"]] for r in mine) / len(mine)]
+        ys += [sum(r["points"][k]["loss"] for r in mine) / len(mine) for k in marks[:-1]]
+        ys.append(sum(_curve_loss(r["points"]["final"], n) for r in mine) / len(mine))
+        colour, line, marker = _style(arm)
+        ax.plot(shares, ys, line, color=colour, marker=marker, lw=_width(arm), label=arm)
+    ax.set_yscale("log")
+    ax.set_xlabel("share of the cost budget spent")
+    ax.set_ylabel(f"held-out loss, first {n} problems (nats/token)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    for ax, key, label in ((axes[0][1], "loss", "held-out loss (nats/token)"), (axes[1][0], "acc", "held-out exact match (%)")):
+        for x, arm in enumerate(arms):
+            values = summary["arms"][arm][key]
+            ax.bar(x, sum(values) / len(values), 0.6, color=_style(arm)[0], alpha=0.5, edgecolor="k",
+                   hatch="//" if arm.startswith("oracle") else None)
+            ax.plot([x] * len(values), values, "k.", ms=6)
+        ax.set_xticks(range(len(arms)), arms, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_title("at the budget: mean (bar) and seeds (dots); hatched: the oracle", fontsize=9)
+    ax = axes[1][1]
+    names = list(summary["comparisons"])
+    for y, name in enumerate(names):
+        c = summary["comparisons"][name]["loss"]
+        if c["t_ci"] is not None:
+            ax.plot(c["t_ci"], [y, y], "-", color="#08306b", lw=2)
+        ax.plot([c["mean"]], [y], "o", color="#08306b")
+        ax.plot(c["per_seed"], [y] * len(c["per_seed"]), "k.", ms=4)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("paired held-out loss difference (negative: the first arm is better)")
+    ax.set_title("per-seed differences (dots), mean and t 95% interval", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)

@@ -154,11 +154,11 @@ def sft_checkpoint(model_dir: str, tokenizer, problems: list, steps: int, test: 
     examples = mathdata.make_sft_set(problems, NOISE, random.Random(SEEDS["sft_corruption"]))
     dataset = real.SFTSet(tokenizer, examples)
     order = real.data_order(len(dataset), SEEDS["sft_order"], steps)
-    res = real.train_arm("full", model_dir, tokenizer, dataset, order, SEEDS["sft_order"], steps, test,
-                         len(test), budget_cpu_s=None)
-    point = res["points"]["equal_steps"]
+    marks = [real.Mark(steps, "final", lambda model: real.graded(model, tokenizer, test))]
+    res = real.train_arm("full", model_dir, tokenizer, dataset, order, SEEDS["sft_order"], marks, "step")
+    point = res["points"]["final"]
     return res["model"], {"steps": point["step"], "test_exact_match": point["acc"], "test_loss": point["loss"],
-                          "test_problems": len(test), "train_cpu_s": point["train_cpu_s"]}
+                          "test_problems": len(test), "train_cpu_s": round(res["train_cpu_s"], 1)}
 
 
 # ----------------------------------------------------------------------------- token pruning
