@@ -200,7 +200,7 @@ def test_cli_entry_point_loads_the_command_group():
     assert set(group.commands) == set(COMMANDS)
 
 
-COMMANDS = ("build-tiny", "fetch-smollm2", "examples", "analyze")
+COMMANDS = ("build-tiny", "fetch-smollm2", "examples", "analyze", "select")
 
 
 def test_axolotl_qtuning_help_lists_its_commands():
