@@ -12,6 +12,9 @@ import pytest
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality")]
 import real  # noqa: E402
 
+# The quality benchmark's tooling, which runs in `make test`'s environment (with scipy): `make test` only.
+pytestmark = pytest.mark.env_independent
+
 RATIO = 3.0  # a forward+backward token costs 3 forward tokens here
 STEPS = 2
 
