@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import pytest
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -158,15 +157,6 @@ def run(
     config = workdir / "config.yaml"
     output_dir = Path(yaml.safe_load(config.read_text())["output_dir"]) if config.is_file() else workdir / "out"
     return Run(proc.returncode, proc.stdout, output_dir, seconds, probe_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """The tiny Llama and tokenizer, built by ``qtuning-build-tiny`` once per session (a later call
-    finds it built)."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-model"
-    subprocess.run([str(BIN / "qtuning-build-tiny"), str(folder)], check=True, capture_output=True)
-    return folder
 
 
 def check_finished(run: Run) -> None:

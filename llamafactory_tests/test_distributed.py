@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lf_run import Run, check_finished, example_config, run, tiny_model  # noqa: F401  (a fixture)
+from lf_run import Run, check_finished, example_config, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import check_decisions_of_selections, check_selection_records  # noqa: E402  (SPEC sections 4-5)
@@ -39,13 +39,13 @@ def _train(model: Path, workdir: Path, accumulation: int, env: dict) -> Run:
 
 
 @pytest.fixture(scope="module")
-def ranks(tiny_model, tmp_path_factory) -> Run:  # noqa: F811
+def ranks(tiny_model, tmp_path_factory) -> Run:
     env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": str(WORLD)}
     return _train(tiny_model, tmp_path_factory.mktemp("ranks"), ACCUMULATION, env)
 
 
 @pytest.fixture(scope="module")
-def single(tiny_model, tmp_path_factory) -> Run:  # noqa: F811
+def single(tiny_model, tmp_path_factory) -> Run:
     return _train(tiny_model, tmp_path_factory.mktemp("single"), WORLD * ACCUMULATION, {})
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lf_run import check_finished, example_config, run, tiny_model  # noqa: F401  (a fixture)
+from lf_run import check_finished, example_config, run
 
 from axolotl_run import check_same_qtuning_metrics  # noqa: E402  (integration_tests/, put on sys.path by lf_run)
 
@@ -31,7 +31,7 @@ SETTINGS = dict(
 )
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_metrics(tiny_model, tmp_path):  # noqa: F811
+def test_a_killed_run_resumes_to_the_uninterrupted_metrics(tiny_model, tmp_path):
     from qtuning_plugin.atomic_files import read_jsonl
     from qtuning_plugin.decisions import DECISIONS_NAME
     from qtuning_plugin.history import STATE_NAME, QTuningHistory

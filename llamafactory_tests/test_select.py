@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from lf_run import example_config, tiny_model  # noqa: F401  (a fixture)
+from lf_run import example_config
 
 ROWS = 40
 
@@ -35,7 +35,7 @@ def load_as_llamafactory(config: Path, tokenized_path: Path):
     return module, collator
 
 
-def test_llamafactory_loads_the_written_selection_as_its_tokenized_dataset(tiny_model, tmp_path):  # noqa: F811
+def test_llamafactory_loads_the_written_selection_as_its_tokenized_dataset(tiny_model, tmp_path):
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lf_run import Run, check_finished, example_config, run, tiny_model  # noqa: F401  (a fixture)
+from lf_run import Run, check_finished, example_config, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import (  # noqa: E402  (SPEC sections 4-5)
@@ -33,7 +33,7 @@ MODEL_LOADED = "trainable params"  # LLaMA-Factory's log line once the model is 
 
 
 @pytest.fixture(scope="module")
-def qtuning_run(tiny_model, tmp_path_factory) -> Run:  # noqa: F811
+def qtuning_run(tiny_model, tmp_path_factory) -> Run:
     """The example with a `qtuning:` section, and overrides on the command line: one of ours
     (`qtuning.sample_keep_ratio`) and one of LLaMA-Factory's (`max_steps`); the tokenised dataset
     saved (``tokenized_path``) for the decision log's keys."""
